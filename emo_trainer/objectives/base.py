@@ -1,0 +1,209 @@
+"""The contract every training objective follows.
+
+An objective is split in two so that the same formula serves both loss paths
+(full logits, and chunked logits recomputed from hidden states):
+
+1. ``token_stats(logits, targets, extras)`` — *per-position* statistics, each a
+   differentiable fp32 tensor of shape ``(n,)`` computed from one row of logits
+   (e.g. the cross-entropy ``ce``, the EMO transport cost ``demd``, the entropy
+   ``entropy``).  This is the only place where logits are touched, so the chunked
+   path can recompute it chunk by chunk in the backward pass.
+2. ``combine(stats, valid, extras)`` — turns the statistics into the *sum* of
+   per-token losses over valid positions (with any stop-gradient weights), plus
+   diagnostics.  It never sees logits.
+
+``Objective.__call__`` then divides that sum by the number of target tokens,
+exactly as ``objectives.md`` ("Reduction and gradient accumulation") says:
+
+    loss = Σ_valid ℓ_i / num_items_in_batch × (world size when averaging across devices)
+
+or the plain token mean of this micro-batch when ``num_items_in_batch`` is None.
+All loss math runs in fp32, whatever the dtype of the logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Objective",
+    "ObjectiveOutput",
+    "shift_labels",
+]
+
+
+@dataclass
+class ObjectiveOutput:
+    """What an objective returns.
+
+    Attributes:
+        loss: scalar tensor to call ``backward()`` on (already normalised).
+        metrics: diagnostics of this micro-batch as plain floats (e.g. ``{"ce": 2.3, "demd": 0.4}``).
+        num_valid: number of valid target tokens in this micro-batch.
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+    num_valid: int = 0
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Return next-token targets aligned with the logits (HF causal-LM convention).
+
+    ``labels`` are the *unshifted* labels (usually a copy of ``input_ids`` with −100 on
+    padding).  Position ``t`` of the result is the target of the logits at position ``t``,
+    i.e. ``labels[..., t + 1]``; the last position gets ``ignore_index``.  Padding the
+    labels instead of slicing the logits avoids a copy of the (N×V) logits.
+    """
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+class Objective:
+    """Base class of the five objectives (see the module docstring for the contract).
+
+    Subclasses set ``name`` and implement :meth:`token_stats` and :meth:`combine`.
+    Options are the keyword arguments of ``__init__`` — the config system reads them
+    from the signature, so every option needs a type annotation and a default.
+
+    Hooks used by :class:`emo_trainer.trainer.ObjectiveTrainer` (all optional):
+    :meth:`setup` (once, before training: e.g. copy the EMO cost embedding, add the
+    backspace token), :meth:`on_step_begin`, :meth:`state_dict` / :meth:`load_state_dict`
+    (objective state that must survive a resume, stored next to the checkpoint).
+
+    Attributes:
+        average_tokens_across_devices: multiply by the world size after dividing by a
+            ``num_items_in_batch`` summed over ranks (the Trainer sets this from its args).
+    """
+
+    name: ClassVar[str] = ""
+    #: Per-position tensors (beyond targets) that ``token_stats`` needs, e.g. a backspace mask.
+    extra_position_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        self.average_tokens_across_devices = False
+
+    # ------------------------------------------------------------------ formula
+    def token_stats(
+        self, logits: torch.Tensor, targets: torch.Tensor, extras: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per-position statistics of ``logits`` (n, V) fp32 for ``targets`` (n,) in [0, V).
+
+        Ignored positions carry an arbitrary valid id; :meth:`combine` masks them out.
+        Every returned tensor has shape (n,) and may carry gradient to ``logits``.
+        """
+        raise NotImplementedError
+
+    def combine(
+        self, stats: dict[str, torch.Tensor], valid: torch.Tensor, extras: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """Sum of per-token losses over ``valid`` positions, and diagnostics.
+
+        Returns ``(loss_sum, metrics)``; ``metrics`` values may be 0-d tensors (they are
+        detached and turned into floats by the caller).
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, model: torch.nn.Module, tokenizer: Any = None) -> None:
+        """Called once before training with the (unwrapped) model."""
+
+    def on_step_begin(self, model: torch.nn.Module, step: int) -> None:
+        """Called before each optimizer step's first micro-batch."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Objective state that a resumed run must get back (tensors allowed)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def options(self) -> dict[str, Any]:
+        """The options this objective was built with (for logs and saved configs)."""
+        return {}
+
+    # ------------------------------------------------------------------ driver
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **extras: Any,
+    ) -> ObjectiveOutput:
+        """Loss from full logits ``(..., T, V)`` and unshifted HF labels ``(..., T)``.
+
+        ``extras`` are objective-specific batch tensors (e.g. SequenceMatch's weights);
+        those named in ``extra_position_keys`` are flattened and passed to ``token_stats``.
+        """
+        targets = shift_labels(labels).reshape(-1)
+        flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+        valid = targets != IGNORE_INDEX
+        safe_targets = targets.masked_fill(~valid, 0)
+        pos_extras = {k: extras[k].reshape(-1, *extras[k].shape[labels.dim():]) for k in self.extra_position_keys}
+        stats = self.token_stats(flat_logits, safe_targets, pos_extras)
+        return self.finish(stats, valid, num_items_in_batch, extras)
+
+    def finish(
+        self,
+        stats: dict[str, torch.Tensor],
+        valid: torch.Tensor,
+        num_items_in_batch: int | torch.Tensor | None,
+        extras: dict[str, Any] | None = None,
+    ) -> ObjectiveOutput:
+        """Combine statistics and reduce (shared by the full-logit and chunked paths)."""
+        loss_sum, metrics = self.combine(stats, valid, extras or {})
+        n_valid = int(valid.sum())
+        loss = reduce_loss(loss_sum, n_valid, num_items_in_batch, self.average_tokens_across_devices)
+        out_metrics = {k: (float(v.detach()) if torch.is_tensor(v) else float(v)) for k, v in metrics.items()}
+        return ObjectiveOutput(loss=loss, metrics=out_metrics, num_valid=n_valid)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
+
+
+def reduce_loss(
+    loss_sum: torch.Tensor,
+    n_valid: int,
+    num_items_in_batch: int | torch.Tensor | None,
+    average_tokens_across_devices: bool = False,
+) -> torch.Tensor:
+    """Normalise a summed loss the way ``objectives.md`` prescribes.
+
+    With ``num_items_in_batch`` (valid targets of all micro-batches of the optimizer step,
+    summed over ranks when averaging across devices) the result is
+    ``loss_sum / num_items_in_batch`` (× world size when averaging across devices, because
+    DDP averages gradients over ranks).  Without it, the token mean of this micro-batch.
+    A micro-batch without valid targets gives a differentiable zero.
+    """
+    if num_items_in_batch is None:
+        return loss_sum / max(n_valid, 1)
+    denom = num_items_in_batch.to(loss_sum.device, torch.float32) if torch.is_tensor(num_items_in_batch) else float(num_items_in_batch)
+    loss = loss_sum / denom
+    if average_tokens_across_devices:
+        loss = loss * _world_size()
+    return loss
+
+
+def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over valid positions (0 when there are none), detached; for diagnostics."""
+    n = valid.sum()
+    x = x.detach()
+    return torch.where(valid, x, torch.zeros_like(x)).sum() / n.clamp_min(1)
+
+
+def is_finite_number(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))
