@@ -124,6 +124,24 @@ class Objective:
     def on_step_begin(self, model: torch.nn.Module, step: int) -> None:
         """Called before each optimizer step's first micro-batch."""
 
+    #: Keys of a collated batch that go to ``model(...)``; everything else goes to the loss.
+    model_input_keys: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+
+    def split_batch(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Split a collated batch into ``(model_inputs, loss_inputs)``.
+
+        ``loss_inputs`` must hold ``labels`` (unshifted, −100 ignored) and any extras the
+        objective needs.  SequenceMatch overrides this to add backspace augmentation,
+        position ids = depth and the 4-D ancestor mask.
+        """
+        model_inputs = {k: v for k, v in batch.items() if k in self.model_input_keys}
+        loss_inputs = {k: v for k, v in batch.items() if k not in self.model_input_keys}
+        return model_inputs, loss_inputs
+
+    def count_items(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Valid target tokens of one collated micro-batch (what ``num_items_in_batch`` sums)."""
+        return (batch["labels"][..., 1:] != IGNORE_INDEX).sum()
+
     def state_dict(self) -> dict[str, Any]:
         """Objective state that a resumed run must get back (tensors allowed)."""
         return {}
