@@ -1,0 +1,85 @@
+"""MiLe — entropy-weighted cross-entropy (Su et al., NAACL 2024 Findings, arXiv 2310.19531).
+
+    H_i = −Σ_v sg(q_i[v])·log sg(q_i[v])           (entropy of the model's prediction, fp32)
+    w_i = (σ + H_i)^γ,  σ = 1
+    α   = sg(n_valid / Σ_valid w_i)                  (keeps the loss on the CE scale)
+    L   = α · Σ_valid w_i·CE_i / n_valid
+
+Tokens the model is uncertain about (high entropy) get more weight; γ = 0 is exactly MLE.
+
+Data parallelism: when ``torch.distributed`` is initialised, n_valid and Σ w_i are summed
+over ranks (one all-reduce) before α is formed, so α is the normaliser of the global batch
+and 2 processes give exactly the loss of 1 process with the doubled batch.  The authors
+all-reduce (average) α itself, which is the same thing when every rank holds the same number
+of valid tokens.  Every rank must therefore call the loss the same number of times.
+
+Gradient accumulation: α is formed per micro-batch (the other micro-batches do not exist
+yet when this one is back-propagated).  Accumulating k micro-batches therefore equals one
+batch k times larger *exactly* only when α is the same in every micro-batch (always for
+γ = 0); otherwise it equals Σ_m α_m·Σ_{i∈m} w_i·CE_i / n_total — each micro-batch
+normalised by its own α — which is close to, but not bit-equal to, the big-batch value.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .base import Objective, masked_mean
+from .registry import register
+
+SIGMA = 1.0
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+@register
+class MileObjective(Objective):
+    """MiLe loss, entropy-weighted CE with a global normaliser (see the module docstring).
+
+    Options:
+        gamma: γ, the exponent of the weight (1 + H_i)^γ (default 1.0, the paper's value).
+            γ = 0 is MLE; larger γ favours high-entropy tokens more.
+    """
+
+    name = "mile"
+
+    def __init__(self, gamma: float = 1.0) -> None:
+        super().__init__()
+        if not math.isfinite(gamma):
+            raise ValueError(f"MiLe gamma must be a finite number (0 = MLE), got {gamma!r}")
+        self.gamma = float(gamma)
+
+    def options(self) -> dict[str, Any]:
+        return {"gamma": self.gamma}
+
+    def token_stats(self, logits, targets, extras=None):
+        logp = torch.log_softmax(logits, dim=-1)
+        ce = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        with torch.no_grad():  # the weight is a stop-gradient: no graph for the entropy
+            entropy = -(logp.exp() * logp).sum(-1)
+        return {"ce": ce, "entropy": entropy}
+
+    def combine(self, stats, valid, extras=None):
+        ce, entropy = stats["ce"], stats["entropy"].detach()
+        weight = torch.where(valid, (SIGMA + entropy).pow(self.gamma), torch.zeros_like(entropy))
+        # One all-reduce of (n_valid, Σw): α of the global batch, identical on every rank.
+        totals = _all_reduce_sum(torch.stack([valid.sum().to(weight.dtype), weight.sum()]))
+        # No valid token anywhere: Σw = 0 and α would be 0/0; any finite α gives a zero loss.
+        alpha = totals[0] / totals[1].clamp_min(torch.finfo(weight.dtype).tiny)
+        per_token = weight * ce
+        loss_sum = alpha * torch.where(valid, per_token, torch.zeros_like(per_token)).sum()
+        metrics = {
+            "ce": masked_mean(ce, valid),
+            "entropy": masked_mean(entropy, valid),
+            "weight": masked_mean(weight, valid),
+            "alpha": alpha,
+        }
+        return loss_sum, metrics
