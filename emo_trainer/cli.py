@@ -1,0 +1,150 @@
+"""The training entry point (``scripts/train.py`` and the ``emo-train`` command).
+
+    python scripts/train.py --config configs/emo_gpt2.yaml [--key value ...]
+    accelerate launch scripts/train.py --config configs/emo_gpt2.yaml --objective mixce
+
+Reads the YAML config, applies command-line overrides, builds tokenizer, model, data and
+:class:`~emo_trainer.trainer.ObjectiveTrainer`, trains (resuming with
+``--resume_from_checkpoint PATH|true``), evaluates, and saves the final model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError, ExperimentConfig, build_objective, load_config
+
+logger = logging.getLogger("emo_trainer")
+
+CONFIG_FILENAME = "emo_trainer_config.yaml"
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train a causal LM with MLE, EMO, MixCE, MiLe or SequenceMatch.",
+        epilog="Any config key can be overridden: --objective emo --emo.mode 2 --learning_rate 3e-5 data.block_size=128",
+    )
+    p.add_argument("--config", help="YAML experiment config (see configs/)")
+    p.add_argument("--resume_from_checkpoint", default=None, help="checkpoint dir, or 'true' for the last complete one")
+    p.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def build_trainer(cfg: ExperimentConfig, callbacks=None):
+    """Everything needed to train ``cfg``: returns ``(trainer, eval_texts)``."""
+    from .data import CausalLMCollator, calibration_set, load_raw_splits, tokenize_splits
+    from .modeling import load_model, load_tokenizer
+    from .trainer import ObjectiveTrainer
+
+    args = cfg.training_arguments()
+    raw = load_raw_splits(cfg.data, seed=args.seed)
+    col = cfg.data.text_column
+    if cfg.data.calibration_sentences:
+        import datasets
+
+        sents = calibration_set(raw["train"][col], cfg.data.calibration_sentences, seed=args.seed,
+                                min_words=cfg.data.calibration_min_words)
+        raw["train"] = datasets.Dataset.from_dict({col: sents})
+        if args.should_save:
+            out = Path(args.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "calibration_set.txt").write_text("\n".join(sents) + "\n", encoding="utf-8")
+    tok_dir = Path(args.output_dir) / "tokenizer" if cfg.model.train_tokenizer_vocab_size else None
+    tokenizer = load_tokenizer(cfg.model, train_texts=raw["train"][col], save_dir=tok_dir)
+    model, is_fresh = load_model(cfg.model, tokenizer)
+    objective = build_objective(cfg.objective)
+    prepare = getattr(objective, "prepare_model", None)
+    if prepare is not None:  # e.g. SequenceMatch adds <bkspc> before the optimizer exists
+        prepare(model, tokenizer)
+    tokenized = tokenize_splits(raw, tokenizer, cfg.data)
+    eval_texts = list(raw["validation"][col])
+    trainer = ObjectiveTrainer(
+        model=model,
+        args=args,
+        objective=objective,
+        loss_path=cfg.objective.loss_path,
+        chunk_size=cfg.objective.chunk_size,
+        on_nonfinite=cfg.objective.on_nonfinite,
+        model_is_fresh=is_fresh,
+        train_dataset=tokenized["train"],
+        eval_dataset=tokenized["validation"],
+        data_collator=CausalLMCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    _maybe_add_generation_eval(trainer, cfg, eval_texts, tokenizer)
+    return trainer, eval_texts
+
+
+def _maybe_add_generation_eval(trainer, cfg: ExperimentConfig, eval_texts, tokenizer) -> None:
+    if not cfg.eval.generation or cfg.eval.num_prompts == 0:
+        return
+    try:
+        from .evaluation import build_generation_callback
+    except ImportError:
+        logger.warning("generation metrics are not available in this build; only eval loss/perplexity are computed")
+        return
+    cb = build_generation_callback(cfg.eval, eval_texts, tokenizer, trainer=trainer)
+    if cb is not None:
+        trainer.add_callback(cb)
+
+
+def run(cfg: ExperimentConfig, resume_from_checkpoint=None) -> dict:
+    """Train and evaluate ``cfg``; returns the final metrics."""
+    trainer, _ = build_trainer(cfg)
+    args = trainer.args
+    out = Path(args.output_dir)
+    if args.should_save:
+        cfg.save(out / CONFIG_FILENAME)
+        print(f"[emo-trainer] run directory: {out.resolve()}  (config: {CONFIG_FILENAME}, "
+              f"logs: checkpoint-*/trainer_state.json, final metrics: final_metrics.json)", flush=True)
+    if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "last"):
+        resume_from_checkpoint = True
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    metrics = dict(result.metrics)
+    last_eval = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if last_eval and last_eval[-1].get("step") == trainer.state.global_step:
+        metrics.update({k: v for k, v in last_eval[-1].items() if k.startswith("eval_")})
+    elif trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    if args.should_save:
+        trainer.save_model(str(out / "final"))
+        trainer.save_state()
+        (out / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+        print(f"[emo-trainer] done: final model in {out / 'final'}; metrics in {out / 'final_metrics.json'}", flush=True)
+        keys = [k for k in ("eval_loss", "eval_perplexity", "eval_mauve", "eval_diversity") if k in metrics]
+        print("[emo-trainer] " + ", ".join(f"{k}={metrics[k]:.4g}" for k in keys), flush=True)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser()
+    known, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .data import DataError
+    from .objectives import ObjectiveError
+
+    try:
+        if not known.config and not rest:
+            raise ConfigError("no config given: pass --config configs/quickstart.yaml (or another file in configs/)")
+        cfg = load_config(known.config, rest)
+        if known.print_config:
+            import yaml
+
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            return 0
+        run(cfg, resume_from_checkpoint=known.resume_from_checkpoint)
+    except (ConfigError, DataError, ObjectiveError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        if "resume_from_checkpoint" in str(e) or "vocabulary" in str(e) or "cost embedding" in str(e):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0

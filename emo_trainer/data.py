@@ -1,0 +1,257 @@
+"""Data: raw text → tokenized blocks, plus the raw eval documents for generation metrics.
+
+Flow: :func:`load_raw_splits` (hub dataset, local files, or the embedded quickstart corpus;
+a validation split is carved from train when there is none) → optional
+:func:`calibration_set` (sentences sampled with a fixed seed) → :func:`tokenize_splits`
+(``datasets.map``, cached, multiprocess for large data; packing into ``block_size`` blocks
+or one truncated document per example) → :class:`CausalLMCollator` (padding, labels).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+_FORMATS = {".txt": "text", ".text": "text", ".raw": "text", ".tokens": "text", ".jsonl": "json", ".json": "json",
+            ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """Unusable data: missing files, empty dataset/column, text shorter than one block, bad encoding."""
+
+
+# --------------------------------------------------------------------------- raw splits
+def _file_format(files: list[str], key: str) -> str:
+    fmts = set()
+    for f in files:
+        p = Path(f)
+        if not p.exists():
+            raise DataError(f"data.{key}: file not found: {f}")
+        ext = p.suffix.lower()
+        if ext not in _FORMATS:
+            raise DataError(f"data.{key}: unsupported file type '{ext}' ({f}); use .txt, .jsonl, .json, .parquet or .csv")
+        fmts.add(_FORMATS[ext])
+        if _FORMATS[ext] == "text":
+            _check_utf8(p, key)
+    if len(fmts) > 1:
+        raise DataError(f"data.{key}: mixed file types {sorted(fmts)}; use one format per split")
+    return fmts.pop()
+
+
+def _check_utf8(path: Path, key: str) -> None:
+    with open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"data.{key}: {path} is not valid UTF-8 (line {lineno}, byte {e.start}); re-encode it, "
+                    f"e.g. iconv -f latin1 -t utf-8"
+                ) from None
+
+
+def load_raw_splits(cfg: DataConfig, seed: int = 42):
+    """``datasets.DatasetDict`` with ``train`` and ``validation`` splits of raw text.
+
+    Rows keep only ``cfg.text_column``; rows with fewer than ``cfg.min_chars`` characters are dropped.
+    """
+    import datasets
+
+    if cfg.dataset and cfg.dataset.startswith("builtin:"):
+        name = cfg.dataset.split(":", 1)[1]
+        if name != "quickstart":
+            raise DataError(f"data.dataset: unknown builtin corpus '{name}'; the builtin corpus is builtin:quickstart")
+        from .quickstart_corpus import quickstart_splits
+
+        splits = quickstart_splits(seed=0)
+        raw = datasets.DatasetDict({k: datasets.Dataset.from_dict({cfg.text_column: v}) for k, v in splits.items()})
+    elif cfg.train_files:
+        data_files = {"train": list(cfg.train_files)}
+        fmt = _file_format(data_files["train"], "train_files")
+        if cfg.validation_files:
+            data_files["validation"] = list(cfg.validation_files)
+            if _file_format(data_files["validation"], "validation_files") != fmt:
+                raise DataError("data.validation_files: must have the same format as data.train_files")
+        kwargs = {"keep_linebreaks": False} if fmt == "text" else {}
+        try:
+            raw = datasets.load_dataset(fmt, data_files=data_files, **kwargs)
+        except Exception as e:  # datasets raises many types for unreadable files
+            raise DataError(f"data.train_files: could not read the files ({type(e).__name__}: {_short(e)})") from None
+    else:
+        try:
+            raw = datasets.load_dataset(cfg.dataset, cfg.dataset_config)
+        except Exception as e:
+            raise DataError(
+                f"data.dataset: could not load '{cfg.dataset}'"
+                + (f" ({cfg.dataset_config})" if cfg.dataset_config else "")
+                + f": {_short(e)}. Offline? Use local files with data.train_files / data.validation_files."
+            ) from None
+    if "train" not in raw:
+        raise DataError(f"data: the dataset has no 'train' split (splits: {', '.join(raw)})")
+    for split in list(raw):
+        if cfg.text_column not in raw[split].column_names:
+            raise DataError(
+                f"data.text_column: column '{cfg.text_column}' not in the {split} split "
+                f"(columns: {', '.join(raw[split].column_names)})"
+            )
+        raw[split] = raw[split].select_columns([cfg.text_column])
+    if "validation" not in raw:
+        if cfg.validation_split_percentage <= 0:
+            raise DataError("data: no validation split; set data.validation_files or data.validation_split_percentage > 0")
+        parts = raw["train"].train_test_split(test_size=cfg.validation_split_percentage / 100.0, seed=seed)
+        raw = datasets.DatasetDict({"train": parts["train"], "validation": parts["test"]})
+    else:
+        raw = datasets.DatasetDict({"train": raw["train"], "validation": raw["validation"]})
+    col, min_chars = cfg.text_column, max(cfg.min_chars, 1)
+    raw = raw.filter(lambda b: [isinstance(t, str) and len(t.strip()) >= min_chars for t in b[col]], batched=True)
+    if cfg.max_train_samples is not None:
+        raw["train"] = raw["train"].select(range(min(cfg.max_train_samples, len(raw["train"]))))
+    if cfg.max_eval_samples is not None:
+        raw["validation"] = raw["validation"].select(range(min(cfg.max_eval_samples, len(raw["validation"]))))
+    for split in raw:
+        if len(raw[split]) == 0:
+            raise DataError(f"data: the {split} split has no usable text in column '{cfg.text_column}'")
+    return raw
+
+
+def _short(e: Exception) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:300] if s else type(e).__name__
+
+
+# --------------------------------------------------------------------------- calibration
+_HEADING = re.compile(r"^\s*=+.*=+\s*$")
+
+
+def detokenize_wikitext(text: str) -> str:
+    """Undo WikiText's tokenisation spaces (`` @-@ ``, `` , ``, `` 's``...) for the ``.tokens`` files."""
+    t = text.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+    t = re.sub(r" ([.,;:!?%)\]}])", r"\1", t)
+    t = re.sub(r"([(\[{$]) ", r"\1", t)
+    t = re.sub(r" (n't|'s|'re|'ve|'ll|'d|'m)\b", r"\1", t)
+    t = re.sub(r'" (.*?) "', r'"\1"', t)
+    return re.sub(r"\s+", " ", t).strip()
+
+
+def split_sentences(documents: list[str], min_words: int = 5, drop_pattern: str | None = "<unk>") -> list[str]:
+    """Documents → sentences with pysbd (rule-based, no download); headings and short lines dropped."""
+    import pysbd
+
+    seg = pysbd.Segmenter(language="en", clean=False)
+    out = []
+    for doc in documents:
+        if not doc or _HEADING.match(doc):
+            continue
+        for s in seg.segment(doc):
+            s = s.strip()
+            if len(s.split()) < min_words or _HEADING.match(s):
+                continue
+            if drop_pattern and drop_pattern in s:
+                continue
+            out.append(s)
+    return out
+
+
+def calibration_set(documents: list[str], n: int, seed: int = 42, min_words: int = 5) -> list[str]:
+    """``n`` sentences sampled without replacement with a fixed seed (all of them if fewer exist)."""
+    sentences = split_sentences(documents, min_words=min_words)
+    if not sentences:
+        raise DataError("data.calibration_sentences: no usable sentences in the training documents")
+    rng = random.Random(seed)
+    if len(sentences) > n:
+        sentences = rng.sample(sentences, n)
+    else:
+        logger.warning("calibration set: only %d sentences available (asked for %d)", len(sentences), n)
+        rng.shuffle(sentences)
+    return sentences
+
+
+# --------------------------------------------------------------------------- tokenisation
+def _num_proc(cfg: DataConfig, n_rows: int) -> int | None:
+    if cfg.num_proc is not None:
+        return cfg.num_proc if cfg.num_proc > 1 else None
+    if n_rows < 50_000:
+        return None
+    return min(8, os.cpu_count() or 1)
+
+
+def tokenize_splits(raw, tokenizer, cfg: DataConfig):
+    """Tokenize and pack (or truncate) every split.  Returns a DatasetDict with ``input_ids``.
+
+    Packing concatenates documents (with EOS between them when ``add_eos``) and cuts blocks of
+    exactly ``block_size`` tokens, dropping the remainder, as the EMO/run_clm scripts do.
+    """
+    col, block, eos = cfg.text_column, cfg.block_size, tokenizer.eos_token_id
+    add_eos = cfg.add_eos
+
+    def tok(batch):
+        ids = tokenizer(batch[col], add_special_tokens=False)["input_ids"]
+        if add_eos:
+            ids = [x + [eos] for x in ids]
+        return {"input_ids": ids}
+
+    def pack(batch):
+        flat = [t for ids in batch["input_ids"] for t in ids]
+        n = (len(flat) // block) * block
+        return {"input_ids": [flat[i : i + block] for i in range(0, n, block)]}
+
+    def truncate(batch):
+        return {"input_ids": [ids[:block] for ids in batch["input_ids"] if len(ids) > 1]}
+
+    out = {}
+    for split, ds in raw.items():
+        nproc = _num_proc(cfg, len(ds))
+        tokd = ds.map(tok, batched=True, remove_columns=ds.column_names, num_proc=nproc, desc=f"tokenize {split}")
+        if cfg.packing:
+            tokd = tokd.map(pack, batched=True, batch_size=1000, num_proc=nproc, desc=f"pack {split}")
+        else:
+            tokd = tokd.map(truncate, batched=True, num_proc=nproc, desc=f"truncate {split}")
+        if len(tokd) == 0:
+            total = sum(len(x) for x in ds.map(tok, batched=True, remove_columns=ds.column_names)["input_ids"])
+            raise DataError(
+                f"data: the {split} split has {total} tokens, fewer than one block of data.block_size={block}; "
+                f"lower data.block_size or add text"
+            )
+        out[split] = tokd
+    import datasets
+
+    return datasets.DatasetDict(out)
+
+
+@dataclass
+class CausalLMCollator:
+    """Pads ``input_ids`` to the longest example and builds ``labels``.
+
+    Labels are the input ids where the attention mask is 1 and −100 on padding, so an EOS
+    token that is also the pad token is still trained on when it is real text (MixCE setting).
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        lengths = [len(f["input_ids"]) for f in features]
+        longest = max(lengths)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            longest = (longest + m - 1) // m * m
+        ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for i, f in enumerate(features):
+            x = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            ids[i, : len(x)] = x
+            mask[i, : len(x)] = 1
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,367 @@
+"""``ObjectiveTrainer``: a ``transformers.Trainer`` whose loss is one of the registered objectives.
+
+What it adds to the stock Trainer:
+
+- ``compute_loss`` dispatches to the objective (full logits or the chunked hidden-state path)
+  and reduces by ``num_items_in_batch`` exactly as ``objectives.md`` prescribes, so gradient
+  accumulation of k micro-batches equals one k-times larger batch, and n processes equal one
+  process with an n-times larger batch.
+- The objective's diagnostics (e.g. ``demd``, ``alpha``) are averaged over the logging window
+  and merged into the Trainer's logs (TRL's ``_metrics`` pattern).
+- Evaluation loss is always plain cross-entropy, token-weighted over the whole eval set
+  (Σ NLL / Σ tokens), logged as ``eval_loss`` and ``eval_perplexity`` for every objective.
+- Objective state (EMO's cost embedding, SequenceMatch's replay buffer) is saved in every
+  checkpoint and restored on ``resume_from_checkpoint``; a checkpoint is marked complete only
+  after everything is written, and resuming skips incomplete ones.
+- A non-finite loss stops the run with a message naming step, objective and term (or skips
+  the micro-batch and counts it, with ``on_nonfinite="skip"``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .objectives import Objective, chunked_objective_loss, get_objective, shift_labels
+from .objectives.base import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVE_STATE_TENSORS = "objective_state.safetensors"
+OBJECTIVE_STATE_JSON = "objective_state.json"
+COMPLETE_MARKER = "checkpoint_complete.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+# Config attributes that transform logits after the lm_head; the chunked path cannot apply them.
+_POST_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when an objective produces a NaN/Inf loss and ``on_nonfinite='raise'``."""
+
+
+class ObjectiveTrainer(Trainer):
+    """Trainer for causal LMs with a configurable training objective.
+
+    Args:
+        objective: a registered name (``"mle"``, ``"emo"``, ``"mixce"``, ``"mile"``,
+            ``"sequencematch"``) or an :class:`~emo_trainer.objectives.Objective` instance.
+        objective_options: options of a named objective (ignored for an instance).
+        loss_path: ``"full"`` (logits, fastest) or ``"chunked"`` (hidden states in token chunks,
+            recomputed in backward; never holds N×V logits).
+        chunk_size: tokens per chunk on the chunked path.
+        on_nonfinite: ``"raise"`` or ``"skip"`` for a non-finite loss.
+        model_is_fresh: the model's weights are random (built from a config); objectives that
+            read the starting weights (EMO ``initial``) warn.
+        **kwargs: everything ``transformers.Trainer`` accepts (``model``, ``args``,
+            ``train_dataset``, ``eval_dataset``, ``data_collator``, ``processing_class``,
+            ``callbacks``...).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        objective: str | Objective = "mle",
+        objective_options: dict | None = None,
+        loss_path: str = "full",
+        chunk_size: int = 2048,
+        on_nonfinite: str = "raise",
+        model_is_fresh: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if loss_path not in ("full", "chunked"):
+            raise ValueError(f"loss_path must be 'full' or 'chunked', got {loss_path!r}")
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        self.objective = objective if isinstance(objective, Objective) else get_objective(objective, **(objective_options or {}))
+        self.loss_path = loss_path
+        self.chunk_size = chunk_size
+        self.on_nonfinite = on_nonfinite
+        self._eval_objective = get_objective("mle")
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._eval_sums: list[float] = [0.0, 0.0]
+        self._skipped_batches = 0
+        self._objective_state_loaded = False
+        super().__init__(*args, **kwargs)
+        # We normalise by num_items_in_batch ourselves: make the Trainer count it for every model
+        # and not divide our (already GA-correct) loss by the accumulation steps again.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        self.objective.average_tokens_across_devices = bool(self.args.average_tokens_across_devices)
+        self.objective.model_is_fresh = model_is_fresh
+        self.objective.setup(self._unwrapped(self.model), self.processing_class)
+        self.add_callback(_ObjectiveHooks(self))
+
+    # ------------------------------------------------------------------ helpers
+    def _unwrapped(self, model: torch.nn.Module) -> torch.nn.Module:
+        m = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
+        if hasattr(m, "get_base_model"):  # peft
+            m = m.get_base_model()
+        return m
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Fetch the micro-batches of one optimizer step and count their target tokens.
+
+        The count uses ``objective.count_items`` (shifted labels ≠ −100 for token objectives),
+        summed over processes when ``average_tokens_across_devices``; this does not depend on
+        how a given transformers release counts.
+        """
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batch_samples and isinstance(batch_samples[0], dict) and "labels" in batch_samples[0]:
+            n = sum(int(self.objective.count_items(b)) for b in batch_samples)
+            num_items = torch.tensor(n, device=device, dtype=torch.long)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                num_items = self.accelerator.gather(num_items).sum()
+        return batch_samples, num_items
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return self._eval_loss(model, inputs, return_outputs)
+        model_inputs, loss_inputs = self.objective.split_batch(model, inputs)
+        labels = loss_inputs.pop("labels")
+        outputs = None
+        if self.loss_path == "chunked" and self._chunked_supported(model):
+            with _hidden_states_as_logits(self._unwrapped(model)):
+                outputs = model(**model_inputs, use_cache=False)
+            head = self._unwrapped(model).get_output_embeddings()
+            out = chunked_objective_loss(
+                self.objective, outputs.logits, head.weight, labels, num_items_in_batch,
+                bias=getattr(head, "bias", None), chunk_size=self.chunk_size, **loss_inputs,
+            )
+        else:
+            outputs = model(**model_inputs, use_cache=False)
+            out = self.objective(outputs.logits, labels, num_items_in_batch, **loss_inputs)
+        loss = out.loss
+        if not torch.isfinite(loss.detach()).all():
+            loss = self._handle_nonfinite(model, out)
+        for k, v in out.metrics.items():
+            self._metrics["train"][k].append(v)
+        return (loss, outputs) if return_outputs else loss
+
+    def _handle_nonfinite(self, model, out):
+        bad = [k for k, v in out.metrics.items() if not math.isfinite(v)]
+        where = f"step {self.state.global_step}, objective '{self.objective.name}'"
+        term = f"non-finite term(s): {', '.join(bad)}" if bad else "non-finite total loss"
+        if self.on_nonfinite == "raise":
+            raise NonFiniteLossError(
+                f"non-finite loss at {where} ({term}). Lower the learning rate, keep loss math in fp32, "
+                f"or set objective.on_nonfinite: skip to drop such batches."
+            )
+        self._skipped_batches += 1
+        logger.warning("skipping a micro-batch with a non-finite loss at %s (%s)", where, term)
+        # A zero that touches every trainable parameter: no gradient, no DDP 'unused parameter' error.
+        return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+
+    def _chunked_supported(self, model) -> bool:
+        m = self._unwrapped(model)
+        head = m.get_output_embeddings()
+        reason = None
+        if not isinstance(head, torch.nn.Linear):
+            reason = f"the output head is a {type(head).__name__}, not a plain Linear"
+        elif any(getattr(m.config, a, None) not in (None, 1.0) for a in _POST_HEAD_ATTRS):
+            reason = "the model transforms logits after its head (soft-capping/scaling)"
+        elif hasattr(head.weight, "_local_tensor") or getattr(head.weight, "ds_numel", None) is not None or head.weight.numel() == 0:
+            reason = "the head weight is sharded (FSDP/DeepSpeed ZeRO-3)"
+        if reason:
+            if not getattr(self, "_warned_chunk_fallback", False):
+                logger.warning("loss_path=chunked falls back to full logits: %s", reason)
+                self._warned_chunk_fallback = True
+            return False
+        return True
+
+    def _eval_loss(self, model, inputs, return_outputs):
+        """Plain CE on clean text whatever the objective; accumulates Σ NLL and Σ tokens."""
+        model_inputs = {k: v for k, v in inputs.items() if k in Objective.model_input_keys}
+        labels = inputs["labels"]
+        outputs = model(**model_inputs, use_cache=False)
+        logits = outputs.logits
+        transform = getattr(self.objective, "eval_logits_transform", None)
+        if transform is not None:
+            logits = transform(logits)
+        out = self._eval_objective(logits, labels)
+        self._eval_sums[0] += float(out.loss.detach()) * out.num_valid
+        self._eval_sums[1] += out.num_valid
+        return (out.loss, outputs) if return_outputs else out.loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Only the loss is needed for language modelling; never return N×V logits to the eval loop.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def evaluation_loop(self, *args, **kwargs):
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        self._eval_sums = [0.0, 0.0]
+        output = super().evaluation_loop(*args, **kwargs)
+        sums = torch.tensor(self._eval_sums, dtype=torch.float64, device=self.args.device)
+        if self.args.world_size > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        nll, n = float(sums[0]), float(sums[1])
+        if n > 0:
+            ce = nll / n
+            output.metrics[f"{prefix}_loss"] = ce
+            output.metrics[f"{prefix}_perplexity"] = math.exp(min(ce, 700.0))
+            output.metrics[f"{prefix}_tokens"] = int(n)
+        return output
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if "loss" in logs else "eval"
+        if mode == "train":
+            merged = {k: sum(v) / len(v) for k, v in self._metrics["train"].items() if v}
+            logs.update({k: v for k, v in merged.items() if k not in logs})
+            if self._skipped_batches:
+                logs["skipped_batches"] = self._skipped_batches
+            self._metrics["train"].clear()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model, trial):
+        """Save as usual, then the objective state, then a completion marker; rotate last.
+
+        Old checkpoints are deleted only after the new one is complete, so a crash while
+        writing never leaves the run without a good checkpoint.
+        """
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        run_dir = self._get_output_dir(trial=trial)
+        ckpt = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+        if self.args.should_save:
+            save_objective_state(self.objective, ckpt)
+            with open(os.path.join(ckpt, COMPLETE_MARKER), "w") as fh:
+                json.dump({"global_step": self.state.global_step, "objective": self.objective.name}, fh)
+        if self.args.world_size > 1:
+            self.accelerator.wait_for_everyone()
+        if limit is not None and hasattr(self, "_rotate_checkpoints"):
+            self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """``Trainer.train`` that also restores the objective's state from the checkpoint.
+
+        ``resume_from_checkpoint=True`` picks the last *complete* checkpoint in ``output_dir``.
+        """
+        if resume_from_checkpoint is True or resume_from_checkpoint == "last":
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"resume_from_checkpoint: no complete checkpoint in {self.args.output_dir}; "
+                    f"start without --resume_from_checkpoint or point it at a checkpoint-N folder"
+                )
+        if resume_from_checkpoint:
+            path = Path(resume_from_checkpoint)
+            if not path.is_dir():
+                raise ValueError(f"resume_from_checkpoint: {path} is not a directory (expected .../checkpoint-N)")
+            load_objective_state(self.objective, path)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+class _ObjectiveHooks(TrainerCallback):
+    """Calls the objective's per-step hook (EMO ``live`` cost, SequenceMatch buffer refill)."""
+
+    def __init__(self, trainer: ObjectiveTrainer):
+        self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        t = self.trainer
+        t.objective.on_step_begin(t._unwrapped(t.model), state.global_step)
+
+
+# --------------------------------------------------------------------------- helpers
+@contextmanager
+def _hidden_states_as_logits(model: torch.nn.Module):
+    """Make the model return its final hidden states in ``.logits`` (the head becomes identity).
+
+    The forward still goes through every wrapper (DDP/FSDP/compile), so gradient hooks fire;
+    the chunked loss then applies the head weight itself, chunk by chunk.
+    """
+    head = model.get_output_embeddings()
+    head.forward = lambda x: x  # instance attribute shadows the class method
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def save_objective_state(objective: Objective, directory: str | os.PathLike) -> None:
+    """Write ``objective.state_dict()``: tensors as safetensors, the rest as JSON (no pickle)."""
+    from safetensors.torch import save_file
+
+    state = objective.state_dict()
+    if not state:
+        return
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if torch.is_tensor(v)}
+    rest = {k: v for k, v in state.items() if not torch.is_tensor(v)}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if tensors:
+        save_file(tensors, str(directory / OBJECTIVE_STATE_TENSORS))
+    with open(directory / OBJECTIVE_STATE_JSON, "w") as fh:
+        json.dump({"objective": objective.name, "tensors": sorted(tensors), "state": rest}, fh)
+
+
+def load_objective_state(objective: Objective, directory: str | os.PathLike) -> bool:
+    """Restore what :func:`save_objective_state` wrote; returns False when there is nothing."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta_path = directory / OBJECTIVE_STATE_JSON
+    if not meta_path.exists():
+        return False
+    meta = json.loads(meta_path.read_text())
+    if meta.get("objective") != objective.name:
+        raise ValueError(
+            f"checkpoint {directory} was written with objective '{meta.get('objective')}', "
+            f"but this run uses '{objective.name}'"
+        )
+    state = dict(meta.get("state", {}))
+    if meta.get("tensors"):
+        state.update(load_file(str(directory / OBJECTIVE_STATE_TENSORS)))
+    objective.load_state_dict(state)
+    return True
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The highest ``checkpoint-N`` in ``output_dir`` that has its completion marker."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return None
+    found = []
+    for p in d.iterdir():
+        m = _CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and (p / COMPLETE_MARKER).exists():
+            found.append((int(m.group(1)), p))
+    return str(max(found)[1]) if found else None
+
+
+def token_weighted_ce(model, dataloader, device=None) -> tuple[float, int]:
+    """Σ NLL / Σ tokens of a causal LM over a dataloader of (input_ids, attention_mask, labels)."""
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for batch in dataloader:
+            batch = {k: v.to(device or model.device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+            targets = shift_labels(batch["labels"])
+            valid = targets != IGNORE_INDEX
+            ce = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), targets.masked_fill(~valid, 0).reshape(-1), reduction="none"
+            )
+            total += float((ce * valid.reshape(-1)).sum())
+            count += int(valid.sum())
+    return total / max(count, 1), count
