@@ -230,7 +230,10 @@ class EmoObjective(Objective):
         ce = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         q = logp.exp()  # from log_softmax: no second softmax pass
         # D_i = 1 − ê_{y_i}·(Êᵀ q_i): one (n×V)(V×d_c) product, then a row-wise dot.
-        demd = 1.0 - ((q @ cost) * cost[targets]).sum(-1)
+        # D ≥ 0 in exact arithmetic (ê_v·ê_y ≤ 1), but when q_i sits on y_i the rounding of
+        # ê_y·ê_y leaves about −1e-8: clamped, since a negative loss is a known EMO pitfall.
+        # The clamp only touches D ≈ 0, where the gradient of D vanishes anyway.
+        demd = (1.0 - ((q @ cost) * cost[targets]).sum(-1)).clamp_min(0.0)
         return {"ce": ce, "demd": demd}
 
     def combine(self, stats, valid, extras=None):
@@ -238,14 +241,13 @@ class EmoObjective(Objective):
         ce_sg, demd_sg = ce.detach(), demd.detach()
         metrics: dict[str, Any] = {"ce": masked_mean(ce, valid), "demd": masked_mean(demd, valid)}
         if self.mode == 1:
-            # D may round to a hair below 0 in fp32; the clamp keeps the weight positive.
-            weight = ce_sg / (demd_sg.clamp_min(0.0) + self.eps)
+            weight = ce_sg / (demd_sg + self.eps)
             if self.ratio_cap is not None:
                 weight = weight.clamp_max(self.ratio_cap)
             per_token = 0.5 * (ce + weight * demd)
             metrics["weight"] = masked_mean(weight, valid)
         else:
-            ratio = demd_sg.clamp_min(0.0) / (ce_sg.clamp_min(0.0) + self.eps)
+            ratio = demd_sg / (ce_sg + self.eps)
             per_token = ratio * ce + demd
             metrics["ratio"] = masked_mean(ratio, valid)
         loss_sum = torch.where(valid, per_token, torch.zeros_like(per_token)).sum()
