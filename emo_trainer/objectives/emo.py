@@ -61,7 +61,8 @@ def load_output_embedding(path: str) -> torch.Tensor:
     if os.path.isdir(path):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path)
+        # dtype="auto": a 7B head donor is loaded in its stored precision, not upcast to fp32.
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
         weight = _output_embedding(model).detach().float().clone()
         del model
         return weight
@@ -81,7 +82,8 @@ def load_output_embedding(path: str) -> torch.Tensor:
         return weight.float()
     raise ValueError(
         f"EMO cost_embedding '{path}' is neither 'initial', 'live' nor an existing local model "
-        "directory or tensor file (the Hugging Face Hub is not queried for it)"
+        "directory or tensor file (the Hugging Face Hub is not queried: download the model first, "
+        "e.g. with `hf download <id> --local-dir DIR`, and pass DIR)"
     )
 
 
