@@ -1,0 +1,1 @@
+"""``evaluate`` modules (one ``EvaluationModule`` subclass per file, so ``evaluate.load(<file>)`` works)."""
