@@ -233,3 +233,24 @@ def assert_empty_batch_is_zero(objective, vocab=11):
         (grad,) = torch.autograd.grad(out.loss, logits)
         assert torch.isfinite(grad).all() and float(grad.abs().max()) == 0.0
         assert all(torch.isfinite(torch.tensor(v)) for v in out.metrics.values())
+
+
+def assert_bf16_model_finite(objective, seed: int = 0):
+    """A tiny bf16 GPT-2 (built from a config, no network): finite loss and finite gradients."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32)
+    model = GPT2LMHeadModel(config).to(torch.bfloat16)
+    objective.setup(model)
+    ids = torch.randint(0, 50, (2, 12))
+    labels = ids.clone()
+    labels[1, 8:] = IGNORE
+    logits = model(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16
+    out = objective(logits, labels, num_targets(labels))
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad.float()).all(), name
+    return model

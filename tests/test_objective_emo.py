@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from reference_losses import (
     _flat_shifted,
+    assert_bf16_model_finite,
     assert_chunked_matches,
     assert_empty_batch_is_zero,
     check_against_reference,
@@ -278,3 +279,13 @@ def test_chunked_path_matches_full_logits(tied, with_bias, mode):
 
 def test_empty_batch_is_a_differentiable_zero():
     assert_empty_batch_is_zero(EmoObjective(cost_embedding=cost_matrix(11)))
+
+
+@pytest.mark.parametrize("source", ["initial", "live"])
+@pytest.mark.parametrize("mode", [1, 2])
+def test_bf16_model_gives_finite_loss_and_gradients(source, mode):
+    obj = EmoObjective(cost_embedding=source, mode=mode)
+    model = assert_bf16_model_finite(obj)
+    assert obj.cost_embedding.dtype == torch.float32  # Ê stays fp32 with a bf16 head
+    head = model.get_output_embeddings().weight
+    assert torch.allclose(obj.cost_embedding, F.normalize(head.detach().float(), dim=-1))

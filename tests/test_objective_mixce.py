@@ -7,6 +7,7 @@ from functools import partial
 import pytest
 import torch
 from reference_losses import (
+    assert_bf16_model_finite,
     assert_chunked_matches,
     assert_empty_batch_is_zero,
     check_against_reference,
@@ -76,3 +77,7 @@ def test_chunked_path_matches_full_logits(tied, with_bias):
 
 def test_empty_batch_is_a_differentiable_zero():
     assert_empty_batch_is_zero(get_objective("mixce"))
+
+
+def test_bf16_model_gives_finite_loss_and_gradients():
+    assert_bf16_model_finite(get_objective("mixce"))

@@ -136,7 +136,6 @@ class EmoObjective(Objective):
         self.model_is_fresh = False
         self._cost: torch.Tensor | None = None  # Ê, fp32, (V, d_c)
         self._cost_cache: torch.Tensor | None = None  # Ê on the logits' device / dtype
-        self._restored = False  # set by load_state_dict: setup must not overwrite Ê
         if torch.is_tensor(cost_embedding):
             if cost_embedding.dim() != 2:
                 raise ValueError(f"EMO cost_embedding tensor must be 2-D (V×d_c), got shape {tuple(cost_embedding.shape)}")
@@ -218,7 +217,6 @@ class EmoObjective(Objective):
         if "cost_embedding" in state:
             # Stored already normalised: kept bit for bit, not re-normalised.
             self._set_cost(state["cost_embedding"].detach().float())
-            self._restored = True
 
     def options(self) -> dict[str, Any]:
         return {"cost_embedding": self.source, "mode": self.mode, "ratio_cap": self.ratio_cap, "eps": self.eps}
