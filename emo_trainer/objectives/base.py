@@ -103,7 +103,8 @@ class Objective:
         """Per-position statistics of ``logits`` (n, V) fp32 for ``targets`` (n,) in [0, V).
 
         Ignored positions carry an arbitrary valid id; :meth:`combine` masks them out.
-        Every returned tensor has shape (n,) and may carry gradient to ``logits``.
+        Every returned tensor has shape (n,) — or (n, k) for a per-position vector, e.g.
+        SequenceMatch's Q of several actions — and may carry gradient to ``logits``.
         """
         raise NotImplementedError
 
@@ -164,13 +165,16 @@ class Objective:
         """Loss from full logits ``(..., T, V)`` and unshifted HF labels ``(..., T)``.
 
         ``extras`` are objective-specific batch tensors (e.g. SequenceMatch's weights);
-        those named in ``extra_position_keys`` are flattened and passed to ``token_stats``.
+        those named in ``extra_position_keys`` (when present) are flattened to (n, ...) and passed
+        to ``token_stats``.
         """
         targets = shift_labels(labels).reshape(-1)
         flat_logits = logits.reshape(-1, logits.shape[-1]).float()
         valid = targets != IGNORE_INDEX
         safe_targets = targets.masked_fill(~valid, 0)
-        pos_extras = {k: extras[k].reshape(-1, *extras[k].shape[labels.dim():]) for k in self.extra_position_keys}
+        pos_extras = {
+            k: extras[k].reshape(-1, *extras[k].shape[labels.dim():]) for k in self.extra_position_keys if k in extras
+        }
         stats = self.token_stats(flat_logits, safe_targets, pos_extras)
         return self.finish(stats, valid, num_items_in_batch, extras)
 

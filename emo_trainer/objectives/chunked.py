@@ -23,9 +23,9 @@ DEFAULT_CHUNK_SIZE = 2048
 
 class _ChunkedStats(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, objective, chunk_size, names, pos_extras):  # noqa: D401
+    def forward(ctx, hidden, weight, bias, targets, objective, chunk_size, names, shapes, pos_extras):  # noqa: D401
         n = hidden.shape[0]
-        outs = {name: hidden.new_empty(n, dtype=torch.float32) for name in names}
+        outs = {name: hidden.new_empty((n, *shape), dtype=torch.float32) for name, shape in zip(names, shapes)}
         with torch.no_grad():
             for start in range(0, n, chunk_size):
                 sl = slice(start, min(start + chunk_size, n))
@@ -83,7 +83,7 @@ class _ChunkedStats(torch.autograd.Function):
                     grad_b += g
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -104,7 +104,7 @@ def chunked_token_stats(
     """``objective.token_stats`` of ``hidden @ weight.T (+ bias)`` without holding all logits.
 
     ``hidden`` is (n, d), ``weight`` (V, d), ``targets`` (n,) valid ids.  Returns the same
-    dict of (n,) tensors as the full path, differentiable w.r.t. ``hidden``, ``weight``, ``bias``.
+    dict of (n,) (or (n, k)) tensors as the full path, differentiable w.r.t. ``hidden``, ``weight``, ``bias``.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
@@ -115,7 +115,8 @@ def chunked_token_stats(
         {k: v[:1] for k, v in pos_extras.items()},
     )
     names = tuple(probe)
-    outs = _ChunkedStats.apply(hidden, weight, bias, targets, objective, chunk_size, names, pos_extras)
+    shapes = tuple(tuple(probe[name].shape[1:]) for name in names)  # () for (n,) stats, (k,) for (n, k)
+    outs = _ChunkedStats.apply(hidden, weight, bias, targets, objective, chunk_size, names, shapes, pos_extras)
     return dict(zip(names, outs))
 
 
@@ -138,6 +139,8 @@ def chunked_objective_loss(
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     valid = targets != IGNORE_INDEX
     safe_targets = targets.masked_fill(~valid, 0)
-    pos_extras = {k: extras[k].reshape(-1, *extras[k].shape[labels.dim():]) for k in objective.extra_position_keys}
+    pos_extras = {
+        k: extras[k].reshape(-1, *extras[k].shape[labels.dim():]) for k in objective.extra_position_keys if k in extras
+    }
     stats = chunked_token_stats(objective, flat_hidden, weight, safe_targets, bias, pos_extras, chunk_size)
     return objective.finish(stats, valid, num_items_in_batch, extras)
