@@ -154,6 +154,7 @@ def train_with_trainer(
 ) -> list[dict[str, float]]:
     """Train ``model`` with ``emo_trainer.trainer.ObjectiveTrainer`` (same schedule as :func:`train_loop`)."""
     from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
 
     from ..trainer import ObjectiveTrainer
 
@@ -185,8 +186,10 @@ def train_with_trainer(
         data_collator=_Collator(chain.pad_id),
         processing_class=tokenizer,
         objective=objective,
+        model_is_fresh=True,
         **kwargs,
     )
+    trainer.remove_callback(PrinterCallback)  # the lab prints its own one-line summary per run
     trainer.train()
     model.eval()
     return [h for h in trainer.state.log_history if "loss" in h]
