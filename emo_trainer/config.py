@@ -253,6 +253,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if isinstance(value, bool) and (tp is str or (isinstance(tp, type) and issubclass(tp, enum.Enum))):
+        # YAML 1.1 reads a bare `no`/`yes` as a boolean; string options such as
+        # eval_strategy: no mean the word.
+        value = "yes" if value else "no"
     if tp is str:
         if isinstance(value, str):
             return value
@@ -538,7 +542,7 @@ def apply_overrides(raw: dict, overrides: list[tuple[str, str | None]]) -> dict:
         path = _resolve_key(key)
         value = _parse_cli_value(val)
         # keep strings that YAML would turn into numbers where a string is expected (e.g. paths)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and val is not None:
+        if isinstance(value, (int, float)) and val is not None:
             value = _maybe_keep_string(path, val, value)
         _set_path(raw, path, value)
     return raw
@@ -553,7 +557,7 @@ def _maybe_keep_string(path: list[str], text: str, value: Any) -> Any:
         "training": training_argument_types(),
     }.get(section, {})
     tp = types_.get(leaf)
-    if tp is str:
+    if tp is str or str in typing.get_args(tp):
         return text
     return value
 
