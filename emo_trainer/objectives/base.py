@@ -213,8 +213,11 @@ def reduce_loss(
     """
     if num_items_in_batch is None:
         return loss_sum / max(n_valid, 1)
-    denom = num_items_in_batch.to(loss_sum.device, torch.float32) if torch.is_tensor(num_items_in_batch) else float(num_items_in_batch)
-    loss = loss_sum / denom
+    if torch.is_tensor(num_items_in_batch):
+        denom = num_items_in_batch.to(loss_sum.device, torch.float32).clamp_min(1.0)
+    else:
+        denom = max(float(num_items_in_batch), 1.0)
+    loss = loss_sum / denom  # a step with no target at all gives 0, not 0/0
     if average_tokens_across_devices:
         loss = loss * _world_size()
     return loss
