@@ -1,0 +1,351 @@
+"""Trajectories with backspaces as one forward pass: tapes, augmentation, tree masks.
+
+A trajectory is a protected context (prompt / first token of a data window) followed by
+actions: vocabulary tokens and ``<bkspc>``.  Its states are token lists.  SequenceMatch needs
+the logits of every state; we get them all from ONE forward pass over a *tape*:
+
+* the tape holds the non-backspace tokens in the order they were typed (deleted ones included);
+* a tape node's state is the node plus its surviving ancestors, so it is fed with
+  ``position_ids`` = its depth (index in that state) and a 4-D attention mask letting it see
+  exactly those ancestors;
+* the state after a backspace is the state of the deleted node's parent, a node already on the
+  tape, so backspaces cost no extra position.
+
+Ancestor mask without walking parents: nodes are created in tape order and deleted in stack
+order, so node ``k`` is in the state of node ``q`` iff it was created no later than ``q`` and
+not yet deleted when ``q`` was created.  With ``death[k]`` = number of nodes created before
+``k`` was deleted (∞ if never), ``allowed[q, k] = (k ≤ q) & (q < death[k])``.
+
+Actions are kept as per-row lists (state node, slot, next-state node, clock ``t``): a node can
+be the state of several actions (type ``x``, delete it, type ``y`` from the same state), so the
+objective gathers ``Q = z[state][action]`` through a small per-node table of action ids
+(``sm_actions``, shape (B, T, K)) rather than through shifted labels.
+
+Data augmentation (objectives.md §5): before each data action, with probability
+``noise_rate``, a wrong token ``w`` is inserted and then deleted.  ``w`` is environment noise:
+it is on the tape (its state is needed for the ``<bkspc>`` that follows) but it is not an
+action of the trajectory.  The ``<bkspc>`` is a data action from the noisy state back to the
+clean state, and the clean token follows from that clean state.  The agent clock ``t`` counts
+agent actions only (``<bkspc>`` and clean tokens, not noise); discount weights are ``γ^t``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100  # as in objectives.base (not imported: objectives import this module)
+
+NEVER = 2**62  # death index of a node that is never deleted
+
+__all__ = [
+    "NEVER",
+    "NoiseSampler",
+    "Tape",
+    "ancestor_mask",
+    "collate_tapes",
+    "data_tapes",
+    "model_tape",
+]
+
+
+@dataclass
+class Tape:
+    """One trajectory laid out for a single forward pass (all tensors int64 on CPU unless noted).
+
+    Nodes (length L): ``tokens`` fed, ``depth`` (= position id), ``death`` (see module doc),
+    ``bk_allowed`` (bool: the node's state holds a deletable token), ``clean_target`` (the clean
+    data token typed from this node, −100 if none; drives the MLE term).
+    Agent actions (length A), in trajectory order: ``act_state`` (node whose state takes the
+    action), ``act_token`` (action id, ``<bkspc>`` included), ``act_next`` (node of the next
+    state, −1 = terminal: V after it is 0), ``act_time`` (agent clock t), ``act_slot`` (index
+    among the actions taken from the same node).
+    """
+
+    tokens: torch.Tensor
+    depth: torch.Tensor
+    death: torch.Tensor
+    bk_allowed: torch.Tensor
+    clean_target: torch.Tensor
+    act_state: torch.Tensor
+    act_token: torch.Tensor
+    act_next: torch.Tensor
+    act_time: torch.Tensor
+    act_slot: torch.Tensor
+    is_model: bool = False
+    age: int = -1
+    num_noise: int = 0
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_actions(self) -> int:
+        return int(self.act_state.shape[0])
+
+
+class NoiseSampler:
+    """Draws the wrong tokens of the backspace augmentation.
+
+    ``mode="random"``: uniform over the original vocabulary (ids below ``vocab_size``, i.e. below
+    ``<bkspc>``) minus ``exclude`` (special tokens) minus the true token.
+    ``mode="unigram"``: a token of the current micro-batch drawn uniformly among its positions
+    (the batch unigram distribution), re-drawn from ``random`` where it equals the true token.
+    """
+
+    MODES = ("random", "unigram")
+
+    def __init__(self, vocab_size: int, exclude: Sequence[int] = (), mode: str = "random") -> None:
+        if mode not in self.MODES:
+            raise ValueError(f"noise_token must be one of {self.MODES}, got {mode!r}")
+        keep = torch.ones(vocab_size, dtype=torch.bool)
+        ex = torch.tensor([i for i in exclude if 0 <= i < vocab_size], dtype=torch.long)
+        keep[ex] = False
+        self.candidates = keep.nonzero().squeeze(1)
+        if self.candidates.numel() < 2:
+            raise ValueError("the noise vocabulary needs at least two tokens")
+        self.mode = mode
+
+    def random(self, true_tokens: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        # Uniform over candidates \ {true}: draw among the first M−1 candidates and send a hit on
+        # the true token to the last candidate (exact when the true token is a candidate).
+        m = self.candidates.numel()
+        u = torch.randint(0, m - 1, true_tokens.shape, generator=generator)
+        w = self.candidates[u]
+        return torch.where(w == true_tokens, self.candidates[m - 1], w)
+
+    def __call__(self, true_tokens: torch.Tensor, pool: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        w = self.random(true_tokens, generator)
+        if self.mode == "unigram" and pool.numel() > 0:
+            u = pool[torch.randint(0, pool.numel(), true_tokens.shape, generator=generator)]
+            w = torch.where(u == true_tokens, w, u)
+        return w
+
+
+def data_tapes(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    *,
+    backspace_id: int,
+    noise_rate: float = 0.0,
+    noise: NoiseSampler | None = None,
+    eos_token_id: int | None = None,
+    terminal_mode: str = "eos",
+    generator: torch.Generator | None = None,
+    noise_positions: Sequence[dict[int, int]] | None = None,
+) -> list[Tape]:
+    """Tapes of a collated data batch, with backspace augmentation.
+
+    Row ``b`` keeps its positions with ``attention_mask == 1`` (left or right padding).  Clean
+    data actions are the positions ``j ≥ 1`` with ``labels[j] != −100`` (they must equal
+    ``input_ids[j]``); the tokens before the first one are the protected context.  Positions
+    with label −100 after it are forced tokens: on the tape, not actions.
+
+    Noise: each clean action independently gets a wrong token + ``<bkspc>`` before it with
+    probability ``noise_rate`` (tokens from ``noise``).  ``noise_positions`` (tests, analysis)
+    overrides the draw: per row, ``{j: wrong_token}``.
+
+    ``terminal_mode="eos"``: a clean action equal to ``eos_token_id`` ends an episode (V after
+    it is 0); ``"none"``: every window is cut from a longer text and bootstraps with V of its
+    last state.
+    """
+    if terminal_mode not in ("eos", "none"):
+        raise ValueError(f"terminal_mode must be 'eos' or 'none', got {terminal_mode!r}")
+    ids = input_ids.detach().cpu().long()
+    keep = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
+    lab = ids.masked_fill(~keep, IGNORE_INDEX) if labels is None else labels.detach().cpu().long()
+    pool = ids[keep & (lab != IGNORE_INDEX)]
+    if noise_rate > 0 and noise is None and noise_positions is None:
+        raise ValueError("noise_rate > 0 needs a NoiseSampler")
+    tapes = []
+    for b in range(ids.shape[0]):
+        x, y = ids[b][keep[b]], lab[b][keep[b]]
+        if x.numel() == 0:
+            raise ValueError(f"row {b} of the batch has no tokens")
+        tapes.append(
+            _data_tape(
+                x, y, backspace_id, noise_rate, noise, pool, eos_token_id if terminal_mode == "eos" else None,
+                generator, None if noise_positions is None else noise_positions[b],
+            )
+        )
+    return tapes
+
+
+def _data_tape(x, y, bk, rate, noise, pool, eos, generator, forced_noise) -> Tape:
+    n = x.numel()
+    act = y != IGNORE_INDEX
+    act[0] = False  # the first token has no prediction: it is context
+    if not torch.equal(y[act], x[act]):
+        raise ValueError("SequenceMatch needs labels equal to input_ids wherever they are not -100")
+    idx = torch.arange(n)
+    if forced_noise is not None:
+        is_noise = torch.zeros(n, dtype=torch.bool)
+        wrong = torch.zeros(n, dtype=torch.long)
+        for j, w in forced_noise.items():
+            if not bool(act[j]) or int(w) == int(x[j]):
+                raise ValueError(f"noise at {j}: not a clean action, or the wrong token equals the true one")
+            is_noise[j], wrong[j] = True, int(w)
+    else:
+        is_noise = (torch.rand(n, generator=generator) < rate) & act if rate > 0 else torch.zeros(n, dtype=torch.bool)
+        wrong = noise(x, pool, generator) if bool(is_noise.any()) else torch.zeros(n, dtype=torch.long)
+    c = idx + torch.cumsum(is_noise.long(), 0)  # tape index of clean token j
+    length = n + int(is_noise.sum())
+    jn = is_noise.nonzero().squeeze(1)
+    nz = c[jn] - 1  # tape index of the noise node inserted before clean token j
+    tokens = torch.empty(length, dtype=torch.long)
+    depth = torch.empty(length, dtype=torch.long)
+    tokens[c], depth[c] = x, idx
+    tokens[nz], depth[nz] = wrong[jn], jn
+    death = torch.full((length,), NEVER, dtype=torch.long)
+    death[nz] = nz + 1  # deleted right after it was typed
+    js = act.nonzero().squeeze(1)
+    first = int(js[0]) if js.numel() else n
+    bk_allowed = depth >= first  # a token beyond the protected context is on the state
+    clean_target = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
+    clean_target[c[js - 1]] = x[js]
+    # Agent actions: for each clean j, an optional <bkspc> (from the noise node back to the
+    # clean state), then the clean token (from the clean state of j−1 to that of j).
+    tok_next = c[js].clone()
+    if eos is not None:
+        tok_next[x[js] == eos] = -1
+    states = torch.cat([c[js - 1], nz])
+    actions = torch.cat([x[js], torch.full_like(jn, bk)])
+    nexts = torch.cat([tok_next, c[jn - 1]])
+    order = torch.argsort(torch.cat([2 * js + 1, 2 * jn]))
+    a = order.numel()
+    return Tape(
+        tokens=tokens, depth=depth, death=death, bk_allowed=bk_allowed, clean_target=clean_target,
+        act_state=states[order], act_token=actions[order], act_next=nexts[order],
+        act_time=torch.arange(a), act_slot=torch.zeros(a, dtype=torch.long), num_noise=int(jn.numel()),
+    )
+
+
+def model_tape(
+    prompt: Sequence[int], actions: Sequence[int], backspace_id: int, terminal: bool = False, age: int = -1
+) -> Tape:
+    """Tape of a sampled trajectory: ``prompt`` (protected) then ``actions`` (tokens and ``<bkspc>``).
+
+    ``terminal``: the last action ended the episode (EOS), so V after it is 0; otherwise the
+    trajectory was cut (length or action cap) and bootstraps with V of its final state.
+    """
+    p = len(prompt)
+    if p == 0:
+        raise ValueError("a trajectory needs at least one prompt token")
+    tokens, depth = [int(t) for t in prompt], list(range(p))
+    death = [NEVER] * p
+    stack = list(range(p))
+    slots = [0] * p
+    st, nx, sl = [], [], []
+    for a in actions:
+        s = stack[-1]
+        st.append(s)
+        sl.append(slots[s])
+        slots[s] += 1
+        if a == backspace_id:
+            if len(stack) <= p:
+                raise ValueError("a backspace deletes into the protected prompt")
+            death[stack.pop()] = len(tokens)
+        else:
+            stack.append(len(tokens))
+            tokens.append(int(a))
+            depth.append(len(stack) - 1)
+            death.append(NEVER)
+            slots.append(0)
+        nx.append(stack[-1])
+    if terminal and nx:
+        if actions[-1] == backspace_id:
+            raise ValueError("a terminal trajectory must end with a token (EOS), not a backspace")
+        nx[-1] = -1
+    length = len(tokens)
+    a = len(st)
+    t = _long
+    return Tape(
+        tokens=t(tokens), depth=t(depth), death=t(death),
+        bk_allowed=torch.arange(length) >= p, clean_target=torch.full((length,), IGNORE_INDEX, dtype=torch.long),
+        act_state=t(st), act_token=t([int(x) for x in actions]), act_next=t(nx), act_time=torch.arange(a),
+        act_slot=t(sl), is_model=True, age=age,
+    )
+
+
+def _long(values: Sequence[int]) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.long)
+
+
+def ancestor_mask(death: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, T, T) mask, ``[b, q, k]`` True iff node k is in the state of node q."""
+    t = death.shape[-1]
+    q = torch.arange(t, device=death.device)
+    return (q[None, :] <= q[:, None])[None] & (q[None, :, None] < death[:, None, :])
+
+
+def collate_tapes(
+    tapes: Sequence[Tape],
+    *,
+    gamma: float,
+    pad_token_id: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Stack tapes into ``(model_inputs, loss_inputs)`` for one forward pass.
+
+    model_inputs: ``input_ids`` (B, T), ``position_ids`` = depth (B, T), ``attention_mask``
+    (B, 1, T, T) additive in ``dtype`` (0 = visible, dtype-min = hidden).  Padding nodes see
+    only themselves (never a fully masked row) and nobody sees them.
+
+    loss_inputs: ``labels`` (B, T) with ``shift_labels(labels)[p]`` = clean data token typed
+    from node p (−100 elsewhere, so the base class counts exactly the clean targets);
+    per-node ``sm_actions`` (B, T, K) action ids (−1 = none) and ``sm_bk_allowed`` (B, T);
+    per-action ``sm_state``, ``sm_slot``, ``sm_next`` (−1 terminal), ``sm_weight`` = γ^t (fp32),
+    ``sm_action_mask`` (B, A); per-row ``sm_is_model`` (B,) and ``sm_age`` (B,) (steps since
+    the trajectory was sampled, −1 for data rows).
+    """
+    if not tapes:
+        raise ValueError("no trajectories to collate")
+    b = len(tapes)
+    t = max(len(tp) for tp in tapes)
+    k = max([int(tp.act_slot.max()) + 1 for tp in tapes if tp.num_actions] or [1])
+    a = max([tp.num_actions for tp in tapes] + [1])
+    input_ids = torch.full((b, t), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((b, t), dtype=torch.long)
+    death = torch.arange(1, t + 1).repeat(b, 1)  # padding: visible to itself only
+    labels = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
+    bk_allowed = torch.zeros((b, t), dtype=torch.bool)
+    sm_actions = torch.full((b, t, k), -1, dtype=torch.long)
+    state = torch.zeros((b, a), dtype=torch.long)
+    slot = torch.zeros((b, a), dtype=torch.long)
+    nxt = torch.full((b, a), -1, dtype=torch.long)
+    weight = torch.zeros((b, a), dtype=torch.float64)
+    amask = torch.zeros((b, a), dtype=torch.bool)
+    for i, tp in enumerate(tapes):
+        n, m = len(tp), tp.num_actions
+        input_ids[i, :n], position_ids[i, :n], death[i, :n] = tp.tokens, tp.depth, tp.death
+        bk_allowed[i, :n] = tp.bk_allowed
+        has = (tp.clean_target != IGNORE_INDEX).nonzero().squeeze(1)
+        labels[i, has + 1] = tp.clean_target[has]
+        sm_actions[i, tp.act_state, tp.act_slot] = tp.act_token
+        state[i, :m], slot[i, :m], nxt[i, :m] = tp.act_state, tp.act_slot, tp.act_next
+        weight[i, :m] = torch.pow(torch.tensor(float(gamma), dtype=torch.float64), tp.act_time.double())
+        amask[i, :m] = True
+    allowed = ancestor_mask(death)
+    mask = torch.zeros((b, 1, t, t), dtype=dtype).masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    model_inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask}
+    loss_inputs = {
+        "labels": labels,
+        "sm_actions": sm_actions,
+        "sm_bk_allowed": bk_allowed,
+        "sm_state": state,
+        "sm_slot": slot,
+        "sm_next": nxt,
+        "sm_weight": weight.float(),
+        "sm_action_mask": amask,
+        "sm_is_model": torch.tensor([tp.is_model for tp in tapes], dtype=torch.bool),
+        "sm_age": torch.tensor([tp.age for tp in tapes], dtype=torch.long),
+    }
+    if device is not None:
+        model_inputs = {key: v.to(device) for key, v in model_inputs.items()}
+        loss_inputs = {key: v.to(device) for key, v in loss_inputs.items()}
+    return model_inputs, loss_inputs
