@@ -1,0 +1,406 @@
+"""SequenceMatch-χ² with backspace (Cundy & Ermon, ICLR 2024, arXiv 2306.05426).
+
+Logits are soft Q-values over the actions = vocabulary + ``<bkspc>``.  For an agent action
+``a_t`` taken in state ``s_t`` with next state ``s_{t+1}``:
+
+    Q_t = z(s_t)[a_t]
+    V(s) = logsumexp_{a allowed in s} z(s)[a]        (<bkspc> allowed iff s holds a generated token)
+    V'_t = V(s_{t+1}), or 0 if a_t ended the episode (terminal)
+    r_t = Q_t − γ·V'_t            (implicit reward; gradient through both terms)
+    w_t = γ^t
+
+    L_SM = [−Σ_𝒟 w r + λ Σ_𝒟 w (V − γV') + cλ Σ_𝒟 w r²] / W_𝒟
+         + (1−λ) [Σ_ℳ w (V − γV') + c Σ_ℳ w r²] / W_ℳ,          W_X = Σ_{t∈X} w_t
+    L    = (1 − β)·MLE + β·L_SM      after ``bc_warmup_steps`` steps of MLE alone
+
+with data trajectories 𝒟 (backspace-augmented text) and model trajectories ℳ (sampled by the
+current model into a replay buffer).  There is no public reference code; the formulation
+follows objectives.md §5 (the paper's χ²-mixture / IQ-Learn–LS-IQ lineage).  Choices made here:
+
+* **Normalisation.**  Each expectation is a self-normalised occupancy estimate: E_𝒟 sums are
+  divided by Σ w over the batch's data actions, E_ℳ sums by Σ w over its model actions — per
+  batch, never per sequence.  With no ℳ actions (offline variant, ``sample_every: 0``) the
+  mixture is the data alone, so λ is taken as 1: then −r + (V − γV') = V − Q = −log π(a|s) and
+  L_SM = E_𝒟[w·NLL] + c·E_𝒟[w r²] (γ-weighted NLL plus the χ² term).
+* **Reduction / gradient accumulation.**  ``count_items`` (the base one) counts the *clean*
+  target tokens of the data micro-batch before augmentation — exactly what MLE counts — and
+  ``num_items_in_batch`` is their sum over the step's micro-batches (× ranks).  The MLE part is
+  Σ CE / num_items_in_batch (exact under GA and DDP).  The SM part of micro-batch m is
+  β·(n_m/W_𝒟,m)·S_𝒟,m / num_items_in_batch + β·(n_m/W_ℳ,m)·S_ℳ,m / num_items_in_batch, with
+  n_m its clean tokens and the ratios constants: one micro-batch gives exactly L_SM above; k
+  micro-batches give Σ_m (n_m/N)·L_SM,m, the token-weighted mean of the micro-batches' L_SM,
+  which equals the big-batch L_SM exactly when every micro-batch has the same W/n (equal-length
+  rows without noise — tested) and is otherwise a per-micro-batch self-normalised estimate (the
+  convention MiLe uses for its α).  Weights of future micro-batches do not exist yet when one is
+  back-propagated (augmentation and replay draws happen in ``split_batch``), so no exact global
+  Σ w is available.
+* **Time.**  The clock t counts agent actions of a trajectory from 0 (noise tokens do not tick).
+  Model trajectories start their clock at their first sampled action; the prompt is the initial
+  state.  In packed data the clock runs over the whole window (EOS inside a window is terminal
+  for its own action but does not restart the clock).
+* **Endings** (``terminal_mode``).  ``eos``: an action equal to EOS is terminal, V after it is 0
+  (the absorbing state is worth nothing); any other last action bootstraps with the model's own
+  V at the final state (a window cut from a longer text; a sample stopped by the length/action
+  cap).  ``none``: nothing is terminal.
+* **MLE part.**  Plain CE (softmax over all columns, ``<bkspc>`` included) of the clean data
+  tokens: identical to the ``mle`` objective on the un-augmented batch, which is what the
+  warm-up trains and what ``mix: 0`` reproduces.
+* **Backspace augmentation.**  See :mod:`emo_trainer.backspace_tree`: the wrong token is
+  environment noise (no term at all), the ``<bkspc>`` after it is a data action.
+* **Evaluation.**  Perplexity is over the original vocabulary: :meth:`eval_logits_transform`
+  sets the ``<bkspc>`` column to −∞ before plain CE; generation uses
+  :func:`emo_trainer.backspace_generation.sample_continuations_with_backspace`.
+
+Diagnostics: ``ce``, ``sm_loss`` (L_SM), ``sm_v`` (mean V over data states), ``sm_reward_data`` /
+``sm_reward_model`` (mean implicit reward), ``sm_bk_rate_data`` / ``sm_bk_rate_samples``
+(backspace share of actions), ``sm_buffer_age`` (mean steps since the drawn samples were
+made), ``sm_buffer_size``, ``sm_model_rows``, ``sm_lambda``, ``sm_mix``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ..backspace import BACKSPACE_TOKEN, add_backspace_token, backspace_token_id, strip_backspace_logits, unwrap_model
+from ..backspace_generation import check_custom_mask_support
+from ..backspace_tree import NoiseSampler, collate_tapes, data_tapes, model_tape
+from ..replay import ReplayBuffer, data_prefixes, sample_trajectories
+from .base import Objective, masked_mean
+from .registry import ObjectiveError, register
+
+logger = logging.getLogger(__name__)
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@register
+class SequenceMatchObjective(Objective):
+    """SequenceMatch-χ² with backspace (see the module docstring for the formula and choices).
+
+    Options (the ``objective.sequencematch`` section of a config):
+        gamma: discount γ of the soft Bellman residual and of the weights w_t = γ^t (0.998).
+        chi2_coef: c, weight of the χ² term r² (0.0025 = α/4 with the paper's α = 0.01).
+        lam: λ, the share of data states in the mixture that the V-term and the χ² term are
+            taken over (0.5); forced to 1 when a batch has no model trajectories.
+        mix: β in (1 − β)·MLE + β·L_SM after the warm-up (0.5; 0 = MLE on clean tokens).
+        bc_warmup_steps: optimizer steps of plain MLE before SequenceMatch starts (0): no
+            augmentation, no sampling, exactly the ``mle`` objective.
+        noise_rate: probability, per clean data action, of inserting a wrong token followed by
+            ``<bkspc>`` before it (0.05).
+        noise_token: where wrong tokens come from: ``random`` (uniform over the original
+            vocabulary minus special tokens and the true token) or ``unigram`` (a token of the
+            same micro-batch).
+        sample_every: refill the replay buffer every this many optimizer steps (4); 0 = the
+            offline variant (no model trajectories, no sampling).
+        buffer_size: capacity of the FIFO replay buffer, in trajectories, per process (256).
+        samples_per_refill: continuations sampled per refill (0 = one per row of the
+            micro-batch that triggers the refill).
+        model_rows: model trajectories drawn into each micro-batch (0 = as many as data rows).
+        prefix_tokens: length of the data prefix a continuation is sampled from (32; half the
+            row for shorter rows).
+        max_new_tokens: surviving generated tokens at which a sample stops (64).
+        max_actions: cap on the actions of one sample, backspaces included (0 = 2·max_new_tokens).
+        sample_temperature: sampling temperature of the model trajectories (1.0 = the policy).
+        sample_batch_size: prompts per sampling batch (64).
+        terminal_mode: ``eos`` (an EOS action ends the episode: V after it is 0) or ``none``.
+        backspace_token: the token string of the backspace action (``<bkspc>``).
+        seed: seed of augmentation, replay draws and sampling (offset by the process rank).
+    """
+
+    name = "sequencematch"
+    extra_position_keys = ("sm_actions", "sm_bk_allowed")
+
+    def __init__(
+        self,
+        gamma: float = 0.998,
+        chi2_coef: float = 0.0025,
+        lam: float = 0.5,
+        mix: float = 0.5,
+        bc_warmup_steps: int = 0,
+        noise_rate: float = 0.05,
+        noise_token: str = "random",
+        sample_every: int = 4,
+        buffer_size: int = 256,
+        samples_per_refill: int = 0,
+        model_rows: int = 0,
+        prefix_tokens: int = 32,
+        max_new_tokens: int = 64,
+        max_actions: int = 0,
+        sample_temperature: float = 1.0,
+        sample_batch_size: int = 64,
+        terminal_mode: str = "eos",
+        backspace_token: str = BACKSPACE_TOKEN,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        checks = [
+            (0.0 < gamma <= 1.0, f"gamma must be in (0, 1], got {gamma}"),
+            (chi2_coef >= 0.0, f"chi2_coef must be ≥ 0, got {chi2_coef}"),
+            (0.0 <= lam <= 1.0, f"lam must be in [0, 1], got {lam}"),
+            (0.0 <= mix <= 1.0, f"mix must be in [0, 1], got {mix}"),
+            (0.0 <= noise_rate < 1.0, f"noise_rate must be in [0, 1), got {noise_rate}"),
+            (noise_token in NoiseSampler.MODES, f"noise_token must be one of {NoiseSampler.MODES}, got {noise_token!r}"),
+            (terminal_mode in ("eos", "none"), f"terminal_mode must be 'eos' or 'none', got {terminal_mode!r}"),
+            (min(bc_warmup_steps, sample_every, samples_per_refill, model_rows, max_actions) >= 0,
+             "bc_warmup_steps, sample_every, samples_per_refill, model_rows and max_actions must be ≥ 0"),
+            (min(buffer_size, prefix_tokens, max_new_tokens, sample_batch_size) >= 1,
+             "buffer_size, prefix_tokens, max_new_tokens and sample_batch_size must be ≥ 1"),
+            (sample_temperature > 0, f"sample_temperature must be > 0, got {sample_temperature}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ObjectiveError(f"sequencematch: {msg}")
+        self.gamma, self.chi2_coef, self.lam, self.mix = float(gamma), float(chi2_coef), float(lam), float(mix)
+        self.bc_warmup_steps = int(bc_warmup_steps)
+        self.noise_rate, self.noise_token = float(noise_rate), noise_token
+        self.sample_every, self.buffer_size = int(sample_every), int(buffer_size)
+        self.samples_per_refill, self.model_rows = int(samples_per_refill), int(model_rows)
+        self.prefix_tokens, self.max_new_tokens = int(prefix_tokens), int(max_new_tokens)
+        self.max_actions = int(max_actions) or 2 * self.max_new_tokens
+        self.sample_temperature, self.sample_batch_size = float(sample_temperature), int(sample_batch_size)
+        self.terminal_mode, self.backspace_token, self.seed = terminal_mode, backspace_token, int(seed)
+
+        self.backspace_id: int | None = None
+        self.eos_token_id: int | None = None
+        self.pad_token_id: int = 0
+        self.noise: NoiseSampler | None = None
+        self.buffer = ReplayBuffer(self.buffer_size)
+        self.last_sample_stats: dict[str, float] = {}
+        self._step = 0
+        self._refill_due = False
+        self._gen: torch.Generator | None = None  # CPU: augmentation and replay draws
+        self._sample_gen: torch.Generator | None = None  # model device: sampling
+
+    # ------------------------------------------------------------------ options / state
+    def options(self) -> dict[str, Any]:
+        keys = ("gamma", "chi2_coef", "lam", "mix", "bc_warmup_steps", "noise_rate", "noise_token", "sample_every",
+                "buffer_size", "samples_per_refill", "model_rows", "prefix_tokens", "max_new_tokens", "max_actions",
+                "sample_temperature", "sample_batch_size", "terminal_mode", "backspace_token", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+    @property
+    def online(self) -> bool:
+        """True when model trajectories are sampled (``sample_every > 0``)."""
+        return self.sample_every > 0
+
+    def in_warmup(self, step: int | None = None) -> bool:
+        """True during the ``bc_warmup_steps`` of plain MLE."""
+        return (self._step if step is None else step) < self.bc_warmup_steps
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"step": self._step, "refill_due": self._refill_due, "buffer": self.buffer.state_dict()}
+        if self._gen is not None:
+            state["rng_cpu"] = self._gen.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._step = int(state.get("step", 0))
+        self._refill_due = bool(state.get("refill_due", False))
+        if "buffer" in state:
+            self.buffer.load_state_dict(state["buffer"])
+        if "rng_cpu" in state:
+            self._generator().set_state(state["rng_cpu"])
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, model: torch.nn.Module, tokenizer: Any = None) -> None:
+        """Record the backspace id, EOS, padding and noise vocabulary; add ``<bkspc>`` if missing.
+
+        The token should already have been added with :func:`add_backspace_token` when the
+        model was built (before the optimizer exists); if it is missing it is added here, with a
+        warning, which is only safe before the optimizer is created.
+        """
+        model = unwrap_model(model)
+        check_custom_mask_support(model)
+        if tokenizer is not None:
+            had = backspace_token_id(tokenizer, token=self.backspace_token) is not None and getattr(
+                model.config, "backspace_token_id", None) is not None
+            if not had:
+                logger.warning(
+                    "sequencematch: adding %s to the model in setup(); call add_backspace_token(model, tokenizer) "
+                    "when building the model, before the optimizer is created", self.backspace_token)
+            self.backspace_id = add_backspace_token(model, tokenizer, token=self.backspace_token)
+            special = list(getattr(tokenizer, "all_special_ids", []) or [])
+            eos = tokenizer.eos_token_id
+            pad = tokenizer.pad_token_id
+        else:
+            self.backspace_id = backspace_token_id(model=model)
+            if self.backspace_id is None:
+                raise ObjectiveError(
+                    "sequencematch: the model has no backspace token; call add_backspace_token(model, tokenizer)")
+            special, eos, pad = [], getattr(model.config, "eos_token_id", None), getattr(model.config, "pad_token_id", None)
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0] if eos else None
+        self.eos_token_id = None if eos is None else int(eos)
+        self.pad_token_id = int(pad if pad is not None else (self.eos_token_id if self.eos_token_id is not None else 0))
+        self.noise = NoiseSampler(self.backspace_id, exclude=special + [self.backspace_id], mode=self.noise_token)
+
+    def on_step_begin(self, model: torch.nn.Module, step: int) -> None:
+        """Track the optimizer step; mark a buffer refill every ``sample_every`` steps after warm-up.
+
+        The refill itself happens in the next :meth:`split_batch`, which has data prefixes (this
+        process's shard of the batch, so each process samples its share).
+        """
+        self._step = int(step)
+        if self.online and not self.in_warmup() and (self._step - self.bc_warmup_steps) % self.sample_every == 0:
+            self._refill_due = True
+
+    def eval_logits_transform(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits for perplexity on clean text: ``<bkspc>`` excluded and renormalised away."""
+        return strip_backspace_logits(logits, self.backspace_id)
+
+    # ------------------------------------------------------------------ batches
+    def _generator(self) -> torch.Generator:
+        if self._gen is None:
+            self._gen = torch.Generator().manual_seed(self.seed + 1000 * _rank())
+        return self._gen
+
+    def _sampling_generator(self, device: torch.device) -> torch.Generator:
+        if self._sample_gen is None or self._sample_gen.device != device:
+            self._sample_gen = torch.Generator(device=device).manual_seed(self.seed + 1000 * _rank() + 1)
+        return self._sample_gen
+
+    def _ensure_setup(self, model: torch.nn.Module) -> None:
+        if self.backspace_id is None:
+            self.setup(model, None)
+
+    def refill(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, float]:
+        """Sample continuations of prefixes of these rows with the current model into the buffer."""
+        self._ensure_setup(model)
+        model = unwrap_model(model)
+        prompts = data_prefixes(input_ids, attention_mask, self.prefix_tokens, self.samples_per_refill or None)
+        device = next(model.parameters()).device
+        trajs, stats = sample_trajectories(
+            model, prompts, backspace_token_id=self.backspace_id, step=self._step, max_new_tokens=self.max_new_tokens,
+            max_actions=self.max_actions, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+            temperature=self.sample_temperature, batch_size=self.sample_batch_size,
+            generator=self._sampling_generator(device),
+        )
+        self.buffer.push(trajs)
+        self.last_sample_stats = stats
+        self._refill_due = False
+        return stats
+
+    def split_batch(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Build the SequenceMatch forward pass of a collated data micro-batch.
+
+        In eval mode or during the warm-up: the base split (plain batch, plain MLE).  Otherwise:
+        backspace-augmented data rows, plus (online) ``model_rows`` trajectories drawn from the
+        replay buffer — refilled first from this batch's prefixes when due or empty — appended
+        as extra rows flagged as ℳ.  Returns ``(model_inputs, loss_inputs)`` as documented in
+        :func:`emo_trainer.backspace_tree.collate_tapes`: ``input_ids``, ``position_ids`` = depth
+        and a (B', 1, T', T') additive ancestor mask for the model; ``labels`` (clean targets
+        only) and the ``sm_*`` tensors for the loss.
+        """
+        if not model.training or self.in_warmup():
+            return super().split_batch(model, batch)
+        self._ensure_setup(model)
+        input_ids = batch["input_ids"]
+        attention_mask = batch.get("attention_mask")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("sequencematch expects a 2-D padding attention_mask in the data batch")
+        pos = batch.get("position_ids")
+        if pos is not None:
+            default = torch.arange(input_ids.shape[1], device=pos.device).expand_as(input_ids)
+            if attention_mask is not None:
+                default = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+            if not torch.equal(pos.to(default.device), default):
+                raise ValueError("sequencematch does not support packed rows with custom position_ids")
+        tapes = data_tapes(
+            input_ids, batch.get("labels"), attention_mask, backspace_id=self.backspace_id,
+            noise_rate=self.noise_rate, noise=self.noise, eos_token_id=self.eos_token_id,
+            terminal_mode=self.terminal_mode, generator=self._generator(),
+        )
+        if self.online:
+            if self._refill_due or len(self.buffer) == 0:
+                self.refill(model, input_ids, attention_mask)
+            n = self.model_rows or len(tapes)
+            for traj in self.buffer.draw(n, self._generator()):
+                tapes.append(model_tape(
+                    traj.prompt, traj.actions, self.backspace_id,
+                    terminal=traj.terminal and self.terminal_mode == "eos", age=self._step - traj.step,
+                ))
+        base = unwrap_model(model)
+        dtype = base.dtype if base.dtype.is_floating_point else torch.float32
+        return collate_tapes(tapes, gamma=self.gamma, pad_token_id=self.pad_token_id, dtype=dtype, device=input_ids.device)
+
+    # ------------------------------------------------------------------ formula
+    def token_stats(self, logits, targets, extras=None):
+        # Plain CE over all columns: the MLE part (identical to the `mle` objective).
+        lse_all = torch.logsumexp(logits, dim=-1)
+        if not extras or "sm_actions" not in extras:
+            return {"ce": lse_all - logits.gather(1, targets[:, None]).squeeze(1)}
+        bk = self.backspace_id
+        # V over allowed actions: logsumexp without the <bkspc> column where it is masked.
+        # One pass: lse_all = logaddexp(lse_without_bk, z_bk); slices are views, never an N×V copy.
+        parts = [torch.logsumexp(logits[:, :bk], -1)] if bk > 0 else []
+        if bk + 1 < logits.shape[1]:
+            parts.append(torch.logsumexp(logits[:, bk + 1 :], -1))
+        lse_wo = parts[0] if len(parts) == 1 else torch.logaddexp(parts[0], parts[1])
+        lse_all = torch.logaddexp(lse_wo, logits[:, bk])
+        v = torch.where(extras["sm_bk_allowed"], lse_all, lse_wo)
+        q = logits.gather(1, extras["sm_actions"].clamp_min(0))  # (n, K) Q of each action taken from the node
+        return {"ce": lse_all - logits.gather(1, targets[:, None]).squeeze(1), "v": v, "q": q}
+
+    def combine(self, stats, valid, extras=None):
+        extras = extras or {}
+        ce = stats["ce"]
+        ce_sum = torch.where(valid, ce, torch.zeros_like(ce)).sum()
+        metrics: dict[str, Any] = {"ce": masked_mean(ce, valid)}
+        if "sm_state" not in extras:  # warm-up / plain batch: MLE
+            metrics["sm_mix"] = 0.0
+            return ce_sum, metrics
+        v, q = stats["v"], stats["q"]
+        state, slot, nxt = extras["sm_state"], extras["sm_slot"], extras["sm_next"]
+        b, a = state.shape
+        t = v.shape[0] // b
+        row = torch.arange(b, device=v.device)[:, None] * t
+        si = (row + state).reshape(-1)
+        ni = (row + nxt.clamp_min(0)).reshape(-1)
+        terminal = (nxt < 0).reshape(-1)
+        v_s = v[si]
+        q_a = q[si, slot.reshape(-1)]
+        v_n = torch.where(terminal, torch.zeros_like(v_s), v[ni])
+        r = q_a - self.gamma * v_n
+        dv = v_s - self.gamma * v_n
+        amask = extras["sm_action_mask"].reshape(-1)
+        is_model = extras["sm_is_model"][:, None].expand(b, a).reshape(-1)
+        in_d, in_m = amask & ~is_model, amask & is_model
+        w = extras["sm_weight"].reshape(-1).float()
+        w_d, w_m = torch.where(in_d, w, torch.zeros_like(w)), torch.where(in_m, w, torch.zeros_like(w))
+        has_model = bool(in_m.any())
+        lam = self.lam if has_model else 1.0
+        s_d = (w_d * (-r + lam * dv + self.chi2_coef * lam * r * r)).sum()
+        s_m = (w_m * ((1.0 - lam) * (dv + self.chi2_coef * r * r))).sum()
+        wsum_d, wsum_m = w_d.sum().detach(), w_m.sum().detach()
+        l_d = s_d / wsum_d if bool(in_d.any()) else s_d * 0.0
+        l_m = s_m / wsum_m if has_model else s_m * 0.0
+        n_clean = valid.sum().to(ce.dtype)
+        sm_sum = n_clean * (l_d + l_m)  # = (n/W_𝒟)·S_𝒟 + (n/W_ℳ)·S_ℳ, see the module docstring
+        loss_sum = (1.0 - self.mix) * ce_sum + self.mix * sm_sum
+
+        acts = extras["sm_actions"].reshape(b * t, -1)[si, slot.reshape(-1)]
+        is_bk = (acts == self.backspace_id).float()
+        ages = extras["sm_age"][extras["sm_is_model"]]
+        metrics.update({
+            "sm_loss": (l_d + l_m).detach(),
+            "sm_v": masked_mean(v_s, in_d),
+            "sm_reward_data": masked_mean(r, in_d),
+            "sm_reward_model": masked_mean(r, in_m),
+            "sm_bk_rate_data": masked_mean(is_bk, in_d),
+            "sm_bk_rate_samples": masked_mean(is_bk, in_m),
+            "sm_buffer_age": ages.float().mean() if ages.numel() else 0.0,
+            "sm_buffer_size": float(len(self.buffer)),
+            "sm_model_rows": float(ages.numel()),
+            "sm_lambda": lam,
+            "sm_mix": self.mix,
+        })
+        return loss_sum, metrics
+
+
+__all__ = ["SequenceMatchObjective"]
