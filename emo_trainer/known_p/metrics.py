@@ -25,7 +25,10 @@ impossible mass.
 Rows (contexts) are ``<bos>`` (the start distribution) and the ``V`` words; ``<eos>`` is
 absorbing and never trained on, so it is not a row.  Aggregation:
 
-* ``js``: mean over rows, **uniform** weight per row (the MixCE paper's "average JS");
+* ``js``: mean over rows, **uniform** weight per row (the MixCE paper's "average JS"), over
+  the rows the chain can reach within ``max_length`` (a word that no row and not the start
+  distribution leads to never occurs, so no objective can learn its row; this only happens
+  for tiny vocabularies — the chance is about V·2^-(V+1) at 50% zeros);
 * ``js_weighted``, ``fkl``, ``rkl``, ``rkl_support``, ``impossible_mass``: **per token**, i.e.
   rows weighted by how often the true chain predicts from them (:meth:`MarkovChain.visit_counts`
   with the dataset's ``max_length``; ``<bos>`` once per sequence).
@@ -39,7 +42,7 @@ Two ways to get q, for two kinds of models:
   the model is run on held-out sequences *sampled from the true chain* and every prediction
   position with context token c is compared with P(·|c).  The per-token quantities are then
   Monte-Carlo estimates of the same expectations (exact over the next token, sampled over
-  contexts), and ``js`` is the uniform mean over the rows that occur of each row's mean JS.
+  contexts), and ``js`` is the uniform mean, over the rows that occur, of each row's mean JS.
   For a bigram model both give the same numbers up to sampling error (tested).
 """
 
@@ -124,11 +127,11 @@ def exact_metrics(chain: MarkovChain, q_table: np.ndarray | torch.Tensor, max_le
     :attr:`MarkovChain.row_ids` are read.  ``max_length`` is the dataset's, for the visit weights.
     """
     q = restrict_to_language(q_table, chain)
-    rows = chain.row_ids
+    visits = chain.visit_counts(max_length)
+    rows = chain.row_ids[visits[chain.row_ids] > 0]  # unreachable words are not part of the language
     div = row_divergences(chain.next_token_table()[rows], q[rows])
-    w = chain.visit_counts(max_length)[rows]
-    w = w / w.sum()
-    out = {"js": float(div["js"].mean()), "js_weighted": float((w * div["js"]).sum())}
+    w = visits[rows] / visits[rows].sum()
+    out = {"js": float(div["js"].mean()), "js_weighted": float((w * div["js"]).sum()), "rows": len(rows)}
     for name in ("fkl", "rkl", "rkl_support", "impossible_mass"):
         out[name] = float((w * div[name]).sum())
     return out
@@ -152,7 +155,7 @@ def contextual_metrics(chain: MarkovChain, contexts: np.ndarray, q: np.ndarray |
     out = {
         "js": float((js_per_row[seen] / counts[seen]).mean()),
         "js_weighted": float(div["js"].mean()),
-        "rows_seen": int(seen.sum()),
+        "rows": int(seen.sum()),
     }
     for name in ("fkl", "rkl", "rkl_support", "impossible_mass"):
         out[name] = float(div[name].mean())
