@@ -38,7 +38,7 @@ MODEL = [
 
 
 def make_objective(**kw):
-    opts = dict(gamma=0.9, chi2_coef=0.3, lam=0.4, mix=0.7, noise_rate=0.0, sample_every=0)
+    opts = {"gamma": 0.9, "chi2_coef": 0.3, "lam": 0.4, "mix": 0.7, "noise_rate": 0.0, "sample_every": 0}
     opts.update(kw)
     obj = get_objective("sequencematch", **opts)
     obj.backspace_id, obj.eos_token_id = BK, EOS
@@ -187,7 +187,7 @@ def test_num_items_reduction_and_gradient_accumulation():
     rows = torch.tensor([[5, 6, 7, 8, 9], [11, 12, 13, 14, EOS], [3, 4, 5, 6, 7], [8, 9, 10, 11, 12]])
     tapes = data_tapes(rows, None, None, backspace_id=BK, eos_token_id=EOS)
     g = torch.Generator().manual_seed(3)
-    full_mi, full_li = collate_tapes(tapes, gamma=obj.gamma)
+    _, full_li = collate_tapes(tapes, gamma=obj.gamma)
     logits = torch.randn(4, 5, V, generator=g)
     labels = full_li.pop("labels")
     big = obj(logits, labels, None, **full_li).loss

@@ -109,7 +109,7 @@ def test_length_stop_eos_stop_and_greedy_padding_invariance():
                                     logits_processor=no_bk)
     assert out_r.actions == out.actions and width == rids.shape[1]
     # ... and with backspaces in play (sampling, same seed).
-    kw = dict(backspace_token_id=BK, max_new_tokens=4, logits_processor=boost(BK, 3.0))
+    kw = {"backspace_token_id": BK, "max_new_tokens": 4, "logits_processor": boost(BK, 3.0)}
     out_l = generate_with_backspace(model, ids, am, generator=torch.Generator().manual_seed(5), **kw)
     out_r = generate_with_backspace(model, rids, ram, generator=torch.Generator().manual_seed(5), **kw)
     assert out_r.actions == out_l.actions and sum(out_l.num_backspaces) > 0

@@ -96,7 +96,7 @@ def test_save_and_load_keep_the_token(fresh_tokenizer, tmp_path):
     model2 = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
     assert backspace_token_id(tok2) == tid == model2.config.backspace_token_id
     assert tok2.convert_ids_to_tokens(tid) == BACKSPACE_TOKEN
-    assert tok2.encode("a" + BACKSPACE_TOKEN) [-1] == tid
+    assert tok2.encode("a" + BACKSPACE_TOKEN)[-1] == tid
     torch.testing.assert_close(probe_logits(model2, tid), probe_logits(model, tid))
     assert add_backspace_token(model2, tok2) == tid  # loading + setup again: unchanged
     torch.testing.assert_close(model2.get_output_embeddings().weight[tid], model.get_output_embeddings().weight[tid])
