@@ -188,13 +188,22 @@ class GenerationEvalCallback(TrainerCallback):
         Collective under ``accelerate``: every process must call it (each samples and featurizes a
         shard); every process gets the same numbers.
         """
+        start = time.perf_counter()
+        per_seed = self.per_seed_metrics(model, tokenizer)
+        mauve_time = sum(m.pop("mauve_runtime", 0.0) for m in per_seed)
+        out = aggregate_seeds(per_seed)
+        out["generation_runtime"] = round(time.perf_counter() - start, 4)
+        if self.config.mauve:
+            out["mauve_runtime"] = round(mauve_time, 4)
+        return out
+
+    def per_seed_metrics(self, model: Any, tokenizer: Any = None) -> list[dict[str, float]]:
+        """One dict of metrics per sampling seed (``eval.seeds``), each with its ``mauve_runtime``."""
         tokenizer = tokenizer or self.tokenizer
         if tokenizer is None:
             raise ValueError("GenerationEvalCallback needs a tokenizer (pass tokenizer= or give the trainer one)")
         c = self.config
-        start = time.perf_counter()
         prefixes = [p.prefix for p in self.prompts]
-        mauve_time = 0.0
         per_seed = []
         for seed in c.seeds:
             continuations = generate_continuations(model, tokenizer, prefixes, c, seed=seed, sampler=self.sampler)
@@ -202,13 +211,9 @@ class GenerationEvalCallback(TrainerCallback):
             if c.mauve:
                 t0 = time.perf_counter()
                 metrics.update(self._mauve(continuations))
-                mauve_time += time.perf_counter() - t0
+                metrics["mauve_runtime"] = time.perf_counter() - t0
             per_seed.append(metrics)
-        out = aggregate_seeds(per_seed)
-        out["generation_runtime"] = round(time.perf_counter() - start, 4)
-        if c.mauve:
-            out["mauve_runtime"] = round(mauve_time, 4)
-        return out
+        return per_seed
 
     def _mauve(self, continuations: list[str]) -> dict[str, float]:
         c, feat = self.config, self.featurizer
@@ -240,6 +245,8 @@ class GenerationEvalCallback(TrainerCallback):
         if metrics is None or model is None:
             return
         prefix = _metric_prefix(metrics)
+        if f"{prefix}_generation_runtime" in metrics:
+            return  # this evaluation was already handled (the callback was added twice)
         new: dict[str, float] = {}
         if self.compute_perplexity and f"{prefix}_perplexity" not in metrics and eval_dataloader is not None:
             new["perplexity"] = self.perplexity(model, eval_dataloader)

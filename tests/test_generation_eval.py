@@ -142,6 +142,7 @@ def test_callback_on_stock_trainer(tmp_path, docs, tok):
         cb = build_generation_callback(EvalConfig(**{**FAST, "num_prompts": 60}), docs, tok, trainer=trainer)
     names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
     assert names.index("GenerationEvalCallback") == names.index("DefaultFlowCallback") + 1
+    trainer.add_callback(cb)  # added a second time by mistake: still one generation pass per evaluation
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no MAUVE warning at every evaluation
         trainer.train()
