@@ -93,7 +93,8 @@ class NoiseSampler:
     ``mode="random"``: uniform over the original vocabulary (ids below ``vocab_size``, i.e. below
     ``<bkspc>``) minus ``exclude`` (special tokens) minus the true token.
     ``mode="unigram"``: a token of the current micro-batch drawn uniformly among its positions
-    (the batch unigram distribution), re-drawn from ``random`` where it equals the true token.
+    (the batch unigram distribution), re-drawn (up to 4 draws) where it equals the true token, then
+    from ``random``.
     """
 
     MODES = ("random", "unigram")
@@ -120,8 +121,11 @@ class NoiseSampler:
     def __call__(self, true_tokens: torch.Tensor, pool: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         w = self.random(true_tokens, generator)
         if self.mode == "unigram" and pool.numel() > 0:
-            u = pool[torch.randint(0, pool.numel(), true_tokens.shape, generator=generator)]
-            w = torch.where(u == true_tokens, w, u)
+            # Up to 4 draws from the batch; the first that differs from the true token wins.
+            u = pool[torch.randint(0, pool.numel(), (*true_tokens.shape, 4), generator=generator)]
+            ok = u != true_tokens[..., None]
+            first = u.gather(-1, ok.long().argmax(-1, keepdim=True)).squeeze(-1)
+            w = torch.where(ok.any(-1), first, w)
         return w
 
 

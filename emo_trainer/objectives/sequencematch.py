@@ -69,6 +69,7 @@ from ..backspace_generation import check_custom_mask_support
 from ..backspace_tree import NoiseSampler, collate_tapes, data_tapes, model_tape
 from ..replay import ReplayBuffer, data_prefixes, sample_trajectories
 from .base import Objective, masked_mean
+from .mle import MleObjective
 from .registry import ObjectiveError, register
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ class SequenceMatchObjective(Objective):
         self.sample_temperature, self.sample_batch_size = float(sample_temperature), int(sample_batch_size)
         self.terminal_mode, self.backspace_token, self.seed = terminal_mode, backspace_token, int(seed)
 
+        self._mle = MleObjective()  # the warm-up loss, and the definition of the MLE part
         self.backspace_id: int | None = None
         self.eos_token_id: int | None = None
         self.pad_token_id: int = 0
@@ -331,10 +333,8 @@ class SequenceMatchObjective(Objective):
 
     # ------------------------------------------------------------------ formula
     def token_stats(self, logits, targets, extras=None):
-        # Plain CE over all columns: the MLE part (identical to the `mle` objective).
-        lse_all = torch.logsumexp(logits, dim=-1)
-        if not extras or "sm_actions" not in extras:
-            return {"ce": lse_all - logits.gather(1, targets[:, None]).squeeze(1)}
+        if not extras or "sm_actions" not in extras:  # warm-up / plain batch: exactly the `mle` objective
+            return {"ce": self._mle.token_stats(logits, targets)["ce"]}
         bk = self.backspace_id
         # V over allowed actions: logsumexp without the <bkspc> column where it is masked.
         # One pass: lse_all = logaddexp(lse_without_bk, z_bk); slices are views, never an N×V copy.
@@ -344,6 +344,7 @@ class SequenceMatchObjective(Objective):
         lse_wo = parts[0] if len(parts) == 1 else torch.logaddexp(parts[0], parts[1])
         lse_all = torch.logaddexp(lse_wo, logits[:, bk])
         v = torch.where(extras["sm_bk_allowed"], lse_all, lse_wo)
+        # CE over all columns (<bkspc> included): the MLE part, the same function as the `mle` objective.
         q = logits.gather(1, extras["sm_actions"].clamp_min(0))  # (n, K) Q of each action taken from the node
         return {"ce": lse_all - logits.gather(1, targets[:, None]).squeeze(1), "v": v, "q": q}
 
