@@ -144,3 +144,14 @@ def test_objective_setup_adds_missing_token_with_a_warning(fresh_tokenizer, capl
     assert "before the optimizer" not in caplog.text
     logits = torch.randn(2, 3, obj.backspace_id + 1)
     assert torch.isinf(obj.eval_logits_transform(logits)[..., obj.backspace_id]).all()
+
+
+def test_prepare_model_at_build_time_then_setup_is_silent(fresh_tokenizer, caplog):
+    model = gpt2(len(fresh_tokenizer))
+    obj = get_objective("sequencematch")
+    tid = obj.prepare_model(model, fresh_tokenizer)  # what the CLI calls before the optimizer exists
+    with caplog.at_level(logging.WARNING):
+        obj.setup(model, fresh_tokenizer)  # what ObjectiveTrainer calls
+    assert "before the optimizer" not in caplog.text
+    assert tid == obj.backspace_id == model.config.backspace_token_id
+    assert obj.generation_sampler.__name__ == "sample_continuations_with_backspace"

@@ -65,7 +65,7 @@ from typing import Any
 import torch
 
 from ..backspace import BACKSPACE_TOKEN, add_backspace_token, backspace_token_id, strip_backspace_logits, unwrap_model
-from ..backspace_generation import check_custom_mask_support
+from ..backspace_generation import check_custom_mask_support, sample_continuations_with_backspace
 from ..backspace_tree import NoiseSampler, collate_tapes, data_tapes, model_tape
 from ..replay import ReplayBuffer, data_prefixes, sample_trajectories
 from .base import Objective, masked_mean
@@ -210,6 +210,16 @@ class SequenceMatchObjective(Objective):
             self._generator().set_state(state["rng_cpu"])
 
     # ------------------------------------------------------------------ hooks
+    #: The evaluation sampler for models trained with this objective (the ``Sampler`` protocol of
+    #: :mod:`emo_trainer.generation`): backspace enabled, final text with deletions applied.
+    generation_sampler = staticmethod(sample_continuations_with_backspace)
+
+    def prepare_model(self, model: torch.nn.Module, tokenizer: Any) -> int:
+        """Add ``<bkspc>`` when the model is built, before the optimizer exists; returns its id."""
+        tid = add_backspace_token(model, tokenizer, token=self.backspace_token)
+        self.setup(model, tokenizer)
+        return tid
+
     def setup(self, model: torch.nn.Module, tokenizer: Any = None) -> None:
         """Record the backspace id, EOS, padding and noise vocabulary; add ``<bkspc>`` if missing.
 
