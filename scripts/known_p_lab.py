@@ -13,6 +13,8 @@ Writes to ``--output-dir``: ``results.json`` (every run), ``results.md`` (mean Â
     python scripts/known_p_lab.py --output-dir runs/known_p            # CPU grid, ~10 min on 2 cores
     python scripts/known_p_lab.py --output-dir runs/known_p_full --full  # paper scale (hours on CPU)
     python scripts/known_p_lab.py --families bigram --vocab-sizes 20 --seeds 0 --objectives mle mixce
+    python scripts/known_p_lab.py --data-only --vocab-sizes 20 --seeds 0       # datasets for scripts/train.py
+    python scripts/known_p_lab.py --evaluate runs/known_p_gpt2 --data runs/known_p/data/V20-s0
 
 See docs/known_p.md for the definitions and a measured table.
 """
@@ -49,6 +51,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="train the GPT-2 family with ObjectiveTrainer (default) or the plain loop")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--report-only", action="store_true", help="rebuild results.md and the plot from results.json")
+    p.add_argument("--data-only", action="store_true",
+                   help="only write the grid's datasets (output-dir/data/V{V}-s{seed}/) for scripts/train.py")
+    p.add_argument("--evaluate", metavar="MODEL_DIR",
+                   help="print the exact metrics of a saved model against the chain of --data (then exit)")
+    p.add_argument("--data", metavar="DATA_DIR", help="a dataset folder written by the lab (with --evaluate)")
     return p
 
 
@@ -77,12 +84,22 @@ def build_config(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
-    from emo_trainer.known_p.lab import plot_results, results_markdown, run_lab
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    from emo_trainer.known_p.lab import evaluate_checkpoint, plot_results, results_markdown, run_lab, write_datasets
 
     out = Path(args.output_dir)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.evaluate:
+        if not args.data:
+            parser.error("--evaluate needs --data DATA_DIR (the dataset the model was trained on)")
+        print(json.dumps(evaluate_checkpoint(args.evaluate, args.data), indent=2))
+        return 0
+    if args.data_only:
+        for d in write_datasets(build_config(args), out):
+            print(d)
+        return 0
     if args.report_only:
         results = json.loads((out / "results.json").read_text())
     else:

@@ -162,7 +162,10 @@ def test_write_dataset_round_trip(tmp_path):
     tok = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (chain.bos_id, chain.eos_id, chain.pad_id)
     for line, seq in zip(lines[:10], seqs):
-        assert tok(json.loads(line)["text"])["input_ids"] == [chain.bos_id, *seq.tolist()]
+        text = json.loads(line)["text"]
+        assert text.startswith("<bos> ")
+        for special in (True, False):  # the pipeline tokenizes with add_special_tokens=False
+            assert tok(text, add_special_tokens=special)["input_ids"] == [chain.bos_id, *seq.tolist()]
     assert make_tokenizer(chain).convert_ids_to_tokens([0, 6, 7, 8, 9]) == ["w0", "w6", "<eos>", "<bos>", "<pad>"]
 
 

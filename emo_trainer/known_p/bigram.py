@@ -9,8 +9,9 @@ not capacity.
 It is a ``transformers`` causal LM (``PreTrainedModel`` + ``GenerationMixin``): the
 ``ObjectiveTrainer`` can train it, ``generate`` samples from it, ``resize_token_embeddings``
 works (SequenceMatch adds a token), and objectives that read the output embedding (EMO) find
-it with ``get_output_embeddings``.  ``attention_mask``/``position_ids`` are accepted and
-ignored: a bigram has no attention.
+it with ``get_output_embeddings``.  ``attention_mask`` (2-D or 4-D), ``position_ids`` and
+``past_key_values`` are accepted and ignored: a bigram has no attention, so SequenceMatch's
+one-pass backspace trees and its cache-threading sampler work unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 __all__ = ["BigramConfig", "BigramLM"]
 
@@ -88,12 +89,14 @@ class BigramLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = None,
         labels: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutput:
+    ) -> CausalLMOutputWithPast:
         hidden = inputs_embeds if inputs_embeds is not None else self.embed(input_ids)
         logits = self.lm_head(hidden)
         loss = None
@@ -101,8 +104,10 @@ class BigramLM(PreTrainedModel, GenerationMixin):
             # Plain next-token CE (HF convention: labels unshifted, −100 ignored).
             shifted = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
             loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1))
-        return CausalLMOutput(
-            loss=loss, logits=logits, hidden_states=(hidden,) if output_hidden_states else None
+        # past_key_values is always None: a bigram needs no cache, and samplers that thread a
+        # cache through (the backspace-aware one) just feed the next token again.
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=None, hidden_states=(hidden,) if output_hidden_states else None
         )
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):

@@ -43,11 +43,15 @@ __all__ = [
     "FamilySettings",
     "LabConfig",
     "ObjectiveSpec",
+    "dataset_dir",
     "default_objective_specs",
+    "evaluate_checkpoint",
     "plot_results",
+    "resolve_options",
     "results_markdown",
     "run_lab",
     "summarise",
+    "write_datasets",
 ]
 
 #: The MixCE η grid of the default lab (η = 1 is MLE, reported as the MLE row).
@@ -56,11 +60,17 @@ DEFAULT_ETAS = (0.0, 0.1, 0.5, 0.9, 0.99)
 
 @dataclass
 class ObjectiveSpec:
-    """One row of the table: a registered objective with fixed options."""
+    """One row of the table: a registered objective with fixed options.
+
+    ``mle_warmup_fraction`` (SequenceMatch): that fraction of the family's steps is plain MLE
+    (``bc_warmup_steps``), since SequenceMatch is meant to start from an MLE-trained model; the
+    total number of steps stays the same as every other objective's.
+    """
 
     label: str
     name: str
     options: dict[str, Any] = field(default_factory=dict)
+    mle_warmup_fraction: float = 0.0
 
 
 def default_objective_specs(etas: tuple[float, ...] = DEFAULT_ETAS, sequencematch_sample_every: int = 20) -> list[ObjectiveSpec]:
@@ -74,13 +84,32 @@ def default_objective_specs(etas: tuple[float, ...] = DEFAULT_ETAS, sequencematc
     specs += [
         ObjectiveSpec("EMO (live cost)", "emo", {"cost_embedding": "live"}),
         ObjectiveSpec("MiLe γ=1", "mile", {"gamma": 1.0}),
-        ObjectiveSpec("SequenceMatch offline", "sequencematch", {"sample_every": 0}),
+        ObjectiveSpec("SequenceMatch offline", "sequencematch", {"sample_every": 0}, mle_warmup_fraction=0.5),
         ObjectiveSpec(
             f"SequenceMatch sampling/{sequencematch_sample_every}", "sequencematch",
-            {"sample_every": sequencematch_sample_every},
+            {"sample_every": sequencematch_sample_every}, mle_warmup_fraction=0.5,
         ),
     ]
     return specs
+
+
+def resolve_options(spec: ObjectiveSpec, steps: int, max_length: int, seed: int) -> dict[str, Any]:
+    """The options one run uses: the spec's, plus what depends on the run.
+
+    * ``bc_warmup_steps`` = ``mle_warmup_fraction`` × steps (when the spec has a fraction);
+    * an objective with a ``seed`` option gets the run's seed (unless the spec fixes one);
+    * SequenceMatch samples continuations of up to ``max_length`` tokens (so a sample can end
+      with ``<eos>`` like the data) unless the spec says otherwise.
+    """
+    opts = dict(spec.options)
+    known = objective_options(spec.name)
+    if spec.mle_warmup_fraction:
+        opts.setdefault("bc_warmup_steps", round(spec.mle_warmup_fraction * steps))
+    if "seed" in known:
+        opts.setdefault("seed", seed)
+    if spec.name == "sequencematch":
+        opts.setdefault("max_new_tokens", max_length)
+    return opts
 
 
 @dataclass
@@ -115,8 +144,8 @@ class LabConfig:
     def default(cls) -> LabConfig:
         """The CPU-sized grid (about 10 minutes on 2 cores)."""
         return cls(families={
-            "bigram": FamilySettings(vocab_sizes=(20, 100), steps=600, batch_size=64, lr=0.1),
-            "gpt2": FamilySettings(vocab_sizes=(20,), steps=400, batch_size=32, lr=3e-3, warmup_steps=20),
+            "bigram": FamilySettings(vocab_sizes=(20, 100), steps=400, batch_size=64, lr=0.1),
+            "gpt2": FamilySettings(vocab_sizes=(20,), steps=300, batch_size=32, lr=3e-3, warmup_steps=20),
         })
 
     @classmethod
@@ -156,6 +185,49 @@ def _counts_table(chain, sequences, pseudo_count: float = 1e-3) -> np.ndarray:
     return counts / counts.sum(1, keepdims=True)
 
 
+def dataset_dir(out_dir: str | Path, vocab_size: int, seed: int) -> Path:
+    """Where the lab keeps the dataset of language (``vocab_size``, ``seed``)."""
+    return Path(out_dir) / "data" / f"V{vocab_size}-s{seed}"
+
+
+def write_datasets(config: LabConfig, out_dir: str | Path) -> list[Path]:
+    """Write (or keep, if already there) the dataset of every language of the grid."""
+    dirs = []
+    vocab_sizes = sorted({v for fam in config.families.values() for v in fam.vocab_sizes})
+    for vocab in vocab_sizes:
+        for seed in config.seeds:
+            data_dir = dataset_dir(out_dir, vocab, seed)
+            if not (data_dir / "meta.json").exists():
+                chain = generate_chain(vocab, seed=seed, alpha=config.alpha, zero_fraction=config.zero_fraction,
+                                       eos_prob=config.eos_prob)
+                write_dataset(chain, data_dir, config.num_train, config.num_eval, config.max_length, seed=seed)
+            dirs.append(data_dir)
+    return dirs
+
+
+def evaluate_checkpoint(model_dir: str | Path, data_dir: str | Path, context_free: bool | None = None) -> dict[str, float]:
+    """Exact metrics of a saved model (e.g. from ``scripts/train.py``) against a lab dataset's chain.
+
+    The model is evaluated on the dataset's ``validation.jsonl`` (true-chain samples); a
+    :class:`BigramLM` checkpoint is read row by row (exact).  ``max_length`` comes from the
+    dataset's ``meta.json``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .bigram import BigramConfig, BigramLM
+
+    data_dir = Path(data_dir)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    chain = load_chain(data_dir)
+    if AutoConfig.from_pretrained(model_dir).model_type == BigramConfig.model_type:
+        model = BigramLM.from_pretrained(model_dir)
+        context_free = True if context_free is None else context_free
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    evalset = load_sequences(data_dir / "validation.jsonl", chain)
+    return evaluate_model(model, chain, meta["max_length"], evalset, context_free=bool(context_free))
+
+
 def run_lab(config: LabConfig, out_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the grid, write ``results.json`` incrementally, return the results dict.
 
@@ -179,18 +251,14 @@ def run_lab(config: LabConfig, out_dir: str | Path, log: Callable[[str], None] =
                         "threads": torch.get_num_threads()},
         "runs": [],
     }
+    write_datasets(config, out)
     vocab_sizes = sorted({v for fam in config.families.values() for v in fam.vocab_sizes})
     for vocab in vocab_sizes:
         for seed in config.seeds:
-            data_dir = out / "data" / f"V{vocab}-s{seed}"
-            if not (data_dir / "meta.json").exists():
-                chain = generate_chain(vocab, seed=seed, alpha=config.alpha, zero_fraction=config.zero_fraction,
-                                       eos_prob=config.eos_prob)
-                write_dataset(chain, data_dir, config.num_train, config.num_eval, config.max_length, seed=seed)
+            data_dir = dataset_dir(out, vocab, seed)
             chain = load_chain(data_dir)
             train = load_sequences(data_dir / "train.jsonl", chain)
             evalset = load_sequences(data_dir / "validation.jsonl", chain)
-            tokenizer = make_tokenizer(chain)
             for family, fam in config.families.items():
                 if vocab not in fam.vocab_sizes:
                     continue
@@ -200,7 +268,7 @@ def run_lab(config: LabConfig, out_dir: str | Path, log: Callable[[str], None] =
                                             "label": "bigram counts (reference)", "objective": None,
                                             "metrics": ref, "seconds": 0.0, "path": "closed form"})
                 for spec in runnable:
-                    rec = _run_one(config, fam, family, spec, chain, train, evalset, tokenizer, seed, out)
+                    rec = _run_one(config, fam, family, spec, chain, train, evalset, seed, out)
                     rec.update({"family": family, "vocab_size": vocab, "seed": seed})
                     results["runs"].append(rec)
                     m = rec.get("metrics") or {}
@@ -213,12 +281,21 @@ def run_lab(config: LabConfig, out_dir: str | Path, log: Callable[[str], None] =
     return results
 
 
-def _run_one(config, fam, family, spec, chain, train, evalset, tokenizer, seed, out) -> dict[str, Any]:
-    rec: dict[str, Any] = {"label": spec.label, "objective": spec.name, "options": dict(spec.options)}
+def _run_one(config, fam, family, spec, chain, train, evalset, seed, out) -> dict[str, Any]:
+    opts = resolve_options(spec, fam.steps, config.max_length, seed)
+    rec: dict[str, Any] = {"label": spec.label, "objective": spec.name, "options": opts}
     start = time.perf_counter()
     try:
-        model = make_model(family, chain, config.max_length, seed=seed, **fam.model_overrides)
-        objective = get_objective(spec.name, **spec.options)
+        overrides = dict(fam.model_overrides)
+        if family == "gpt2":  # room for SequenceMatch samples: a data prefix + max_length new tokens
+            overrides.setdefault("n_positions", 2 * config.max_length + 2)
+        model = make_model(family, chain, config.max_length, seed=seed, **overrides)
+        tokenizer = make_tokenizer(chain)  # fresh per run: SequenceMatch adds <bkspc> to it
+        if spec.name == "sequencematch":
+            from ..backspace import add_backspace_token
+
+            add_backspace_token(model, tokenizer)  # before any optimizer exists
+        objective = get_objective(spec.name, **opts)
         common = {"steps": fam.steps, "batch_size": fam.batch_size, "lr": fam.lr,
                   "warmup_steps": fam.warmup_steps, "seed": seed, "tokenizer": tokenizer}
         path = "loop"

@@ -30,11 +30,15 @@ sequence cut by ``max_length`` has no ``<eos>``; cutting at a fixed length does 
 transitions that are observed, so the training data stays a sample of the chain.
 
 Datasets (:func:`write_dataset`) are what the normal training pipeline reads: jsonl files with
-a ``text`` field of space-separated words (``"w12 w7 w3 <eos>"``, the ``<eos>`` written out when
-the chain emitted it), a WordLevel tokenizer (saved with ``save_pretrained``; it prepends
-``<bos>`` itself, so ``tokenizer(text).input_ids`` is ``[<bos>, w12, w7, w3, <eos>]``) and the
-chain itself (``chain.npz``) for the exact metrics.  A pipeline that appends another ``<eos>``
-only adds an ``<eos> → <eos>`` transition, which the absorbing row predicts anyway.
+a ``text`` field of space-separated tokens, ``"<bos> w12 w7 w3 <eos>"`` (``<eos>`` written out
+when the chain emitted it, absent from a sequence cut at ``max_length``), a WordLevel tokenizer
+saved with ``save_pretrained`` (no post-processing: ``tokenizer(text).input_ids`` is exactly
+``[<bos>, w12, w7, w3, <eos>]`` with or without special tokens), and the chain itself
+(``chain.npz``) for the exact metrics.  The ``<bos>`` is in the text because the first word is
+predicted from it (the start row); the pipeline must not append another ``<eos>``
+(``data.add_eos: false``) — if it did, the extra ``<eos> → <eos>`` transition is the one the
+absorbing row predicts anyway.  One sequence per example (``data.packing: false``) is MixCE's
+setting; packed blocks also work (each sequence starts with its ``<bos>``).
 """
 
 from __future__ import annotations
@@ -245,22 +249,19 @@ def load_chain(path: str | os.PathLike) -> MarkovChain:
 
 # ---------------------------------------------------------------------- datasets
 def sequences_to_texts(chain: MarkovChain, sequences: list[np.ndarray]) -> list[str]:
-    """Space-separated token strings (``"w3 w0 <eos>"``)."""
+    """Space-separated token strings with the ``<bos>`` written out (``"<bos> w3 w0 <eos>"``)."""
     names = chain.token_strings()
-    return [" ".join(names[i] for i in seq) for seq in sequences]
+    return [" ".join(["<bos>", *(names[i] for i in seq)]) for seq in sequences]
 
 
 def make_tokenizer(chain: MarkovChain):
-    """A ``PreTrainedTokenizerFast`` with the chain's ids; it prepends ``<bos>`` to every text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    """A ``PreTrainedTokenizerFast`` with the chain's ids: one id per whitespace-separated token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(chain.token_strings())}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", chain.bos_id)]
-    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", model_max_length=1 << 20
     )
@@ -276,7 +277,7 @@ def write_dataset(
 ) -> dict:
     """Write a dataset of the language that the normal pipeline trains on.
 
-    Creates ``train.jsonl`` and ``validation.jsonl`` (``{"text": "w12 w7 <eos>"}`` per line),
+    Creates ``train.jsonl`` and ``validation.jsonl`` (``{"text": "<bos> w12 w7 <eos>"}`` per line),
     ``tokenizer/`` (``AutoTokenizer.from_pretrained`` loads it), ``chain.npz`` and
     ``meta.json``.  Train and validation use independent streams of ``seed``.  Returns the
     metadata.
@@ -308,11 +309,14 @@ def write_dataset(
 
 
 def load_sequences(path: str | os.PathLike, chain: MarkovChain) -> list[np.ndarray]:
-    """Read a jsonl written by :func:`write_dataset` back into id arrays (no ``<bos>``)."""
+    """Read a jsonl written by :func:`write_dataset` back into id arrays (leading ``<bos>`` dropped)."""
     vocab = {tok: i for i, tok in enumerate(chain.token_strings())}
     seqs = []
     with open(path) as f:
         for line in f:
             if line.strip():
-                seqs.append(np.array([vocab[w] for w in json.loads(line)["text"].split()], dtype=np.int64))
+                words = json.loads(line)["text"].split()
+                if words and words[0] == "<bos>":
+                    words = words[1:]
+                seqs.append(np.array([vocab[w] for w in words], dtype=np.int64))
     return seqs
