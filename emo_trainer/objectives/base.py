@@ -92,6 +92,9 @@ class Objective:
     name: ClassVar[str] = ""
     #: Per-position tensors (beyond targets) that ``token_stats`` needs, e.g. a backspace mask.
     extra_position_keys: ClassVar[tuple[str, ...]] = ()
+    #: ``token_stats`` upcasts internally (fp32 math from bf16/fp16 logits): both loss paths then
+    #: pass low-precision logits as they are instead of making an fp32 N×V copy first.
+    fp32_math_inside: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.average_tokens_across_devices = False
@@ -101,6 +104,9 @@ class Objective:
         self, logits: torch.Tensor, targets: torch.Tensor, extras: dict[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
         """Per-position statistics of ``logits`` (n, V) fp32 for ``targets`` (n,) in [0, V).
+
+        With ``fp32_math_inside`` the logits may also arrive in bf16/fp16 (the model's own
+        tensor, no copy); the statistics must then still be computed in fp32.
 
         Ignored positions carry an arbitrary valid id; :meth:`combine` masks them out.
         Every returned tensor has shape (n,) — or (n, k) for a per-position vector, e.g.
@@ -169,7 +175,9 @@ class Objective:
         to ``token_stats``.
         """
         targets = shift_labels(labels).reshape(-1)
-        flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+        flat_logits = logits.reshape(-1, logits.shape[-1])
+        if not (self.fp32_math_inside and flat_logits.dtype in (torch.bfloat16, torch.float16)):
+            flat_logits = flat_logits.float()
         valid = targets != IGNORE_INDEX
         safe_targets = targets.masked_fill(~valid, 0)
         pos_extras = {

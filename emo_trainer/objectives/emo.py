@@ -15,6 +15,10 @@ or a V×V cost matrix.  It is combined with the token cross-entropy CE_i per tok
 and the loss is the token mean of L_i.  Uncapped mode 1 has the *value* of CE (up to ε)
 but a different gradient.  The gradient of D is ∂D_i/∂z_i[k] = q_i[k]·(Σ_v q_i[v] s_v − s_k)
 with s_v = ê_v·ê_{y_i} (checked in the tests).
+
+CE and D come from one fused pass (``fused.softmax_stats``): autograd keeps only the
+logits, and the backward pass applies the closed-form gradient with one (n×d_c)(d_c×V)
+product, so EMO costs two extra n×V×d_c products over MLE and no extra N×V memory.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Objective, masked_mean
+from .fused import softmax_stats
 from .registry import register
 
 #: Epsilon of the row L2-normalisation of the cost embedding (a zero row stays zero).
@@ -35,6 +40,7 @@ NORMALISE_EPS = 1e-8
 #: Smallest allowed ε of the CE/D ratios: below it bf16-trained models hit NaN when D ≈ 0.
 MIN_RATIO_EPS = 1e-6
 COST_SOURCES = ("initial", "live")
+TRANSPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def normalise_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -50,6 +56,31 @@ def _output_embedding(model: torch.nn.Module) -> torch.Tensor:
             "pass the cost embedding as a tensor or as a path to a model with an lm_head"
         )
     return head.weight
+
+
+def full_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The whole (V×d) matrix of a possibly sharded parameter, detached.
+
+    FSDP2 (``fully_shard``) holds a DTensor between steps: ``full_tensor()`` all-gathers it.
+    DeepSpeed ZeRO-3 holds an empty local tensor: ``GatheredParameters`` brings it back.
+    Both are collectives, so every rank must call this at the same point (the trainer calls
+    ``setup``/``on_step_begin`` on every rank).  An FSDP1 flat-parameter shard cannot be
+    gathered from the module alone: a clear error instead of a wrong-sized cost embedding.
+    """
+    if hasattr(weight, "full_tensor"):  # torch.distributed.tensor.DTensor (FSDP2, TP)
+        return weight.detach().full_tensor()
+    if getattr(weight, "ds_numel", None) is not None:  # DeepSpeed ZeRO-3 partitioned parameter
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+            return weight.detach().clone()
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(
+            f"EMO cannot read the lm_head weight: it is sharded (local shape {tuple(weight.shape)}), e.g. by FSDP1 "
+            "flat parameters. Use FSDP2 (fsdp_version: 2, configs/accelerate/fsdp.yaml), or a cost embedding "
+            "read before sharding ('initial') or from a path"
+        )
+    return weight.detach()
 
 
 def load_output_embedding(path: str) -> torch.Tensor:
@@ -107,6 +138,11 @@ class EmoObjective(Objective):
             Uncapped mode 1 can collapse a model under a strong distribution shift.
             Mode 2's ratio D/CE is ≤ 2 by construction, so the cap does not apply to it.
         eps: ε of the ratios, at least 1e-6 (smaller values give NaN in bf16 when D ≈ 0).
+        transport_dtype: dtype of the two (n×V)(V×d_c) transport products, ``"float32"``
+            (default; TF32 on Ampere+ GPUs when ``training.tf32`` is on) or ``"bfloat16"``
+            (fastest on GPUs, fp32 accumulation).  Everything else stays fp32, and D is
+            formed so that its relative precision does not depend on q_i[y_i] (see
+            ``fused.py``), so bf16 products give D to about 1e-2 relative.
 
     Attributes:
         model_is_fresh: set to True by the trainer when the model was randomly
@@ -122,6 +158,7 @@ class EmoObjective(Objective):
         mode: int = 1,
         ratio_cap: float | None = 3.0,
         eps: float = 1e-6,
+        transport_dtype: str = "float32",
     ) -> None:
         super().__init__()
         if int(mode) != mode or int(mode) not in (1, 2):
@@ -130,12 +167,18 @@ class EmoObjective(Objective):
             raise ValueError(f"EMO ratio_cap must be a positive number or None (uncapped), got {ratio_cap!r}")
         if not (eps >= MIN_RATIO_EPS and math.isfinite(eps)):
             raise ValueError(f"EMO eps must be at least {MIN_RATIO_EPS} (NaN in bf16 otherwise), got {eps!r}")
+        if transport_dtype not in TRANSPORT_DTYPES:
+            raise ValueError(
+                f"EMO transport_dtype must be one of {', '.join(TRANSPORT_DTYPES)}, got {transport_dtype!r}"
+            )
+        self.transport_dtype = transport_dtype
         self.mode = int(mode)
         self.ratio_cap = None if ratio_cap is None else float(ratio_cap)
         self.eps = float(eps)
         self.model_is_fresh = False
         self._cost: torch.Tensor | None = None  # Ê, fp32, (V, d_c)
         self._cost_cache: torch.Tensor | None = None  # Ê on the logits' device / dtype
+        self._transport_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (Ê in transport dtype, self-cost)
         if torch.is_tensor(cost_embedding):
             if cost_embedding.dim() != 2:
                 raise ValueError(f"EMO cost_embedding tensor must be 2-D (V×d_c), got shape {tuple(cost_embedding.shape)}")
@@ -153,6 +196,7 @@ class EmoObjective(Objective):
     def _set_cost(self, cost: torch.Tensor) -> None:
         self._cost = cost
         self._cost_cache = None
+        self._transport_cache = None
 
     def _cost_for(self, logits: torch.Tensor) -> torch.Tensor:
         if self._cost is None:
@@ -167,6 +211,7 @@ class EmoObjective(Objective):
         if cache is None or cache.device != logits.device or cache.dtype != dtype:
             # Moved once and cached: the chunked path calls token_stats many times per step.
             cache = self._cost_cache = self._cost.to(device=logits.device, dtype=dtype)
+            self._transport_cache = None
         if cache.shape[0] != logits.shape[-1]:
             raise ValueError(
                 f"EMO cost embedding has {cache.shape[0]} rows but the logits have {logits.shape[-1]} "
@@ -180,7 +225,8 @@ class EmoObjective(Objective):
 
         After :meth:`load_state_dict` the restored matrix is kept as is (resume).
         """
-        vocab = _output_embedding(model).shape[0]
+        head = _output_embedding(model)
+        vocab = head.ds_shape[0] if getattr(head, "ds_shape", None) is not None else head.shape[0]
         if self._cost is None or self.source == "live":
             if self.source == "initial":
                 if self.model_is_fresh:
@@ -190,7 +236,7 @@ class EmoObjective(Objective):
                         "use cost_embedding='live', or a path to a trained model with the same vocabulary.",
                         stacklevel=2,
                     )
-                self._set_cost(normalise_rows(_output_embedding(model)))
+                self._set_cost(normalise_rows(full_weight(head)))
             elif self.source == "live":
                 self.on_step_begin(model, 0)
             else:
@@ -203,9 +249,9 @@ class EmoObjective(Objective):
             )
 
     def on_step_begin(self, model: torch.nn.Module, step: int) -> None:
-        """``live``: refresh Ê from the current lm_head (detached, re-normalised)."""
+        """``live``: refresh Ê from the current lm_head (detached, re-normalised; gathered if sharded)."""
         if self.source == "live":
-            self._set_cost(normalise_rows(_output_embedding(model)))
+            self._set_cost(normalise_rows(full_weight(_output_embedding(model))))
 
     def state_dict(self) -> dict[str, Any]:
         # `live` is a function of the model's weights, which the checkpoint already holds.
@@ -219,22 +265,32 @@ class EmoObjective(Objective):
             self._set_cost(state["cost_embedding"].detach().float())
 
     def options(self) -> dict[str, Any]:
-        return {"cost_embedding": self.source, "mode": self.mode, "ratio_cap": self.ratio_cap, "eps": self.eps}
+        return {
+            "cost_embedding": self.source, "mode": self.mode, "ratio_cap": self.ratio_cap, "eps": self.eps,
+            "transport_dtype": self.transport_dtype,
+        }
 
     # ------------------------------------------------------------------ formula
-    def token_stats(self, logits, targets, extras=None):
-        if logits.dtype not in (torch.float32, torch.float64):
-            logits = logits.float()
+    #: token_stats does its math in fp32 itself: the full path hands it bf16 logits as they are.
+    fp32_math_inside = True
+
+    def _transport(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cost = self._cost_for(logits)
-        logp = torch.log_softmax(logits, dim=-1)
-        ce = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        q = logp.exp()  # from log_softmax: no second softmax pass
-        # D_i = 1 − ê_{y_i}·(Êᵀ q_i): one (n×V)(V×d_c) product, then a row-wise dot.
-        # D ≥ 0 in exact arithmetic (ê_v·ê_y ≤ 1), but when q_i sits on y_i the rounding of
-        # ê_y·ê_y leaves about −1e-8: clamped, since a negative loss is a known EMO pitfall.
-        # The clamp only touches D ≈ 0, where the gradient of D vanishes anyway.
-        demd = (1.0 - ((q @ cost) * cost[targets]).sum(-1)).clamp_min(0.0)
-        return {"ce": ce, "demd": demd}
+        if self._transport_cache is None or self._transport_cache[0].device != cost.device:
+            # float64 logits (tests) keep float64 products; otherwise the configured dtype.
+            dtype = cost.dtype if cost.dtype == torch.float64 else TRANSPORT_DTYPES[self.transport_dtype]
+            self_cost = 1.0 - cost.pow(2).sum(-1)  # 1 − ê_v·ê_v: ≈ 0, or 1 for an all-zero row
+            self._transport_cache = (cost.to(dtype), self_cost)
+        return self._transport_cache
+
+    def token_stats(self, logits, targets, extras=None):
+        # D_i = 1 − ê_{y_i}·(Êᵀ q_i): a gather and one (n×V)(V×d_c) product, never a one-hot
+        # (fused.py, formed without cancellation).  D ≥ 0 in exact arithmetic; rounding can leave
+        # about −1e-8 when q_i sits on y_i: clamped, since a negative loss is a known EMO pitfall
+        # (the clamp only touches D ≈ 0, where the gradient of D vanishes anyway).
+        cost, self_cost = self._transport(logits)
+        stats = softmax_stats(logits, targets, cost=cost, self_cost=self_cost)
+        return {"ce": stats["ce"], "demd": stats["demd"]}
 
     def combine(self, stats, valid, extras=None):
         ce, demd = stats["ce"], stats["demd"]

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .base import Objective, masked_mean
+from .fused import softmax_stats
 from .registry import register
 
 SIGMA = 1.0
@@ -60,12 +61,13 @@ class MileObjective(Objective):
     def options(self) -> dict[str, Any]:
         return {"gamma": self.gamma}
 
+    #: token_stats does its math in fp32 itself: the full path hands it bf16 logits as they are.
+    fp32_math_inside = True
+
     def token_stats(self, logits, targets, extras=None):
-        logp = torch.log_softmax(logits, dim=-1)
-        ce = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        with torch.no_grad():  # the weight is a stop-gradient: no graph for the entropy
-            entropy = -(logp.exp() * logp).sum(-1)
-        return {"ce": ce, "entropy": entropy}
+        # CE and H from one fused pass (fused.py): autograd keeps only the logits.  H is a
+        # stop-gradient weight: combine() detaches it, so its gradient is never computed.
+        return softmax_stats(logits, targets, entropy=True)
 
     def combine(self, stats, valid, extras=None):
         ce, entropy = stats["ce"], stats["entropy"].detach()

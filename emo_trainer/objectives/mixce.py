@@ -17,9 +17,9 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .base import Objective, masked_mean
+from .fused import softmax_stats
 from .registry import register
 
 
@@ -43,8 +43,12 @@ class MixceObjective(Objective):
     def options(self) -> dict[str, Any]:
         return {"eta": self.eta}
 
+    #: token_stats does its math in fp32 itself: the full path hands it bf16 logits as they are.
+    fp32_math_inside = True
+
     def token_stats(self, logits, targets, extras=None):
-        return {"ce": F.cross_entropy(logits, targets, reduction="none")}
+        # Fused CE (fused.py): autograd keeps only the logits, not log-softmax + an fp32 copy.
+        return softmax_stats(logits, targets)
 
     def combine(self, stats, valid, extras=None):
         ce = stats["ce"]

@@ -9,9 +9,9 @@ including its ``num_items_in_batch`` reduction.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .base import Objective, masked_mean
+from .fused import softmax_stats
 from .registry import register
 
 
@@ -21,8 +21,12 @@ class MleObjective(Objective):
 
     name = "mle"
 
+    #: token_stats does its math in fp32 itself: the full path hands it bf16 logits as they are.
+    fp32_math_inside = True
+
     def token_stats(self, logits, targets, extras=None):
-        return {"ce": F.cross_entropy(logits, targets, reduction="none")}
+        # Fused CE (fused.py): autograd keeps only the logits, not log-softmax + an fp32 copy.
+        return softmax_stats(logits, targets)
 
     def combine(self, stats, valid, extras=None):
         ce = stats["ce"]

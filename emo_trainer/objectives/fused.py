@@ -1,0 +1,201 @@
+"""Fused per-position softmax statistics: CE, entropy and EMO's transport cost in one pass.
+
+For logits z_i (n×V), q_i = softmax(z_i), lse_i = logsumexp(z_i) and gold token y_i:
+
+    CE_i = lse_i − z_i[y_i]                              ∂CE_i/∂z_k = q_k − 1[k = y_i]
+    H_i  = −Σ_v q_v log q_v = lse_i − Σ_v q_v z_v        ∂H_i/∂z_k  = −q_k (log q_k + H_i)
+    D_i  = Σ_v q_v (1 − ê_v·ê_{y_i})                     ∂D_i/∂z_k  = q_k (c_k − D_i),  c_k = 1 − ê_k·ê_{y_i}
+
+(D is EMO's transport cost with a cosine cost; see ``emo.py``.)
+
+Why a custom autograd Function: composing these from ``log_softmax``/``exp``/``matmul``
+makes autograd keep several N×V tensors for backward (log-probabilities, probabilities,
+a one-hot or the transport input) plus an fp32 copy of bf16 logits.  Here the forward
+pass keeps only the logits it was given (the tensor the model already returned, in its
+own dtype) and a few length-n vectors; the backward pass recomputes q = exp(z − lse) and
+writes the gradient straight into one tensor of the logits' dtype, using the closed forms
+above.  Both passes work on blocks of rows so their fp32 temporaries stay bounded
+(``block_elements``), whatever n is.  The math runs in fp32 (float64 for float64 logits).
+
+EMO's D is computed without cancellation: with q' = q with its gold entry set to 0,
+
+    D_i = Σ_{v≠y} q_v − ê_y·(Êᵀ q') + q_y (1 − ê_y·ê_y)
+
+so both terms that cancel are O(1 − q_y) rather than O(1): D keeps its relative precision
+when q sits on the gold token, and the (n×V)(V×d_c) product tolerates low precision
+(``transport_dtype``).  The last term is q_y·0 up to rounding for a normalised row (and
+q_y for an all-zero row, which the cosine cost gives a self-cost of 1).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+#: fp32 elements of one block of rows (so a temporary is at most 128 MiB).
+DEFAULT_BLOCK_ELEMENTS = 1 << 25
+
+__all__ = ["DEFAULT_BLOCK_ELEMENTS", "softmax_stats"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _blocks(n: int, vocab: int, block_elements: int):
+    rows = max(1, block_elements // max(vocab, 1))
+    for start in range(0, n, rows):
+        yield slice(start, min(start + rows, n))
+
+
+def _no_autocast(device: torch.device):
+    # The statistics are fp32 math by design: an ambient autocast must not turn the
+    # transport product (or anything else) into bf16 behind our back.
+    kind = device.type
+    try:
+        on = torch.is_autocast_enabled(kind)
+    except (TypeError, RuntimeError):  # device types without autocast support
+        return nullcontext()
+    return torch.autocast(kind, enabled=False) if on else nullcontext()
+
+
+class _SoftmaxStats(torch.autograd.Function):
+    """(CE, H, D_clamped) of each row of ``logits``; H and D only when asked for (else empty)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements):
+        with _no_autocast(logits.device):
+            return _SoftmaxStats._forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements)
+
+    @staticmethod
+    def _forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements):
+        n, vocab = logits.shape
+        ct = _compute_dtype(logits.dtype)
+        want_demd = cost is not None
+        new = {"dtype": ct, "device": logits.device}
+        lse, ce = torch.empty(n, **new), torch.empty(n, **new)
+        entropy = torch.empty(n if want_entropy else 0, **new)
+        demd_raw = torch.empty(n if want_demd else 0, **new)
+        for sl in _blocks(n, vocab, block_elements):
+            z = logits[sl]
+            copied = z.dtype != ct
+            z = z.to(ct)  # a view when the logits are already in the compute dtype: no copy
+            y = targets[sl].unsqueeze(1)
+            m = z.amax(-1, keepdim=True)  # an all −inf row gives nan, as torch.log_softmax does
+            t = z.sub_(m) if copied else z - m  # t = z − max ≤ 0
+            t_gold = t.gather(1, y).squeeze(1)
+            q = t.exp() if want_entropy else t.exp_()
+            s = q.sum(-1, keepdim=True)
+            log_s = s.log().squeeze(1)
+            lse[sl] = m.squeeze(1) + log_s
+            ce[sl] = log_s - t_gold
+            q.div_(s)
+            if want_entropy:
+                # H = log s − Σ q·t: every term ≥ 0, no cancellation; Σ q·t as a batched dot.
+                entropy[sl] = log_s - torch.bmm(q.unsqueeze(1), t.unsqueeze(2)).reshape(-1)
+            if want_demd:
+                q_gold = q.gather(1, y).squeeze(1)
+                q.scatter_(1, y, 0.0)
+                e_y = cost[targets[sl]].to(ct)
+                moved = (q.to(cost.dtype) @ cost).to(ct)  # Êᵀq' (b×d_c), in the cost's dtype
+                demd_raw[sl] = q.sum(-1) - (moved * e_y).sum(-1) + q_gold * self_cost[targets[sl]]
+            del z, t, q
+        ctx.save_for_backward(logits, targets, lse, entropy, demd_raw)
+        ctx.cost, ctx.block_elements = cost, block_elements
+        ctx.set_materialize_grads(False)
+        # D ≥ 0 in exact arithmetic; rounding can leave about −1e-8 when q sits on y.  A
+        # negative loss is a known EMO pitfall, so D is clamped (its gradient is 0 there).
+        return ce, entropy, demd_raw.clamp_min(0.0)
+
+    @staticmethod
+    def backward(ctx, g_ce, g_entropy, g_demd):
+        if not ctx.needs_input_grad[0] or (g_ce is None and g_entropy is None and g_demd is None):
+            return (None,) * 6
+        device = next(g.device for g in (g_ce, g_entropy, g_demd) if g is not None)
+        with _no_autocast(device):
+            return _SoftmaxStats._backward(ctx, g_ce, g_entropy, g_demd)
+
+    @staticmethod
+    def _backward(ctx, g_ce, g_entropy, g_demd):
+        logits, targets, lse, entropy, demd_raw = ctx.saved_tensors
+        cost = ctx.cost
+        n, vocab = logits.shape
+        ct = lse.dtype
+        if entropy.numel() == 0:
+            g_entropy = None
+        if demd_raw.numel() == 0:
+            g_demd = None
+        if g_demd is not None:
+            g_demd = torch.where(demd_raw >= 0, g_demd, torch.zeros_like(g_demd))  # clamp_min's gradient
+        grad = torch.empty_like(logits)
+        for sl in _blocks(n, vocab, ctx.block_elements):
+            z = logits[sl]
+            copied = z.dtype != ct
+            z = z.to(ct)
+            y = targets[sl].unsqueeze(1)
+            # ∂/∂z_k = q_k·w_k − g_ce·1[k = y], with
+            #   w_k = g_ce + g_D·(1 − D − s_k) − g_H·(log q_k + H),   s_k = ê_k·ê_y.
+            u = z.sub_(lse[sl].unsqueeze(1)) if copied else z - lse[sl].unsqueeze(1)  # log q
+            a = torch.zeros((u.shape[0], 1), dtype=ct, device=u.device) if g_ce is None else g_ce[sl].to(ct).unsqueeze(1)
+            w = None
+            if g_entropy is not None:
+                w = (u + entropy[sl].unsqueeze(1)).mul_(-g_entropy[sl].to(ct).unsqueeze(1))
+            if g_demd is not None:
+                gd = g_demd[sl].to(ct).unsqueeze(1)
+                a = a + gd * (1.0 - demd_raw[sl].unsqueeze(1))
+                s = (cost[targets[sl]] @ cost.T).to(ct)  # (b×V) ê_y·ê_k: the backward's one product
+                w = s.mul_(-gd) if w is None else w.sub_(s.mul_(gd))
+                del s
+            q = u.exp_()
+            if w is None:
+                q.mul_(a)
+            else:
+                q.mul_(w.add_(a))
+            if g_ce is not None:
+                q.scatter_add_(1, y, -g_ce[sl].to(ct).unsqueeze(1))
+            grad[sl] = q  # cast to the logits' dtype on copy
+            del z, u, q, w
+        return grad, None, None, None, None, None
+
+
+def softmax_stats(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    entropy: bool = False,
+    cost: torch.Tensor | None = None,
+    self_cost: torch.Tensor | None = None,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> dict[str, torch.Tensor]:
+    """Per-row ``ce`` (and ``entropy``, ``demd``) of ``logits`` (n, V) for ``targets`` (n,).
+
+    Args:
+        logits: (n, V) in any float dtype; the math runs in fp32 (float64 stays float64),
+            and the gradient comes back in the logits' dtype.
+        targets: (n,) valid class ids (ignored positions carry any valid id).
+        entropy: also return H_i (differentiable; MiLe detaches it).
+        cost: the row-normalised cost embedding Ê (V, d_c) for EMO's ``demd``; no gradient
+            flows into it.  Its dtype is the dtype of the two (n×V)(V×d_c) products (fp32,
+            or bf16 for speed: see ``EmoObjective(transport_dtype=...)``); the rest of the
+            math stays in the compute dtype.
+        self_cost: (V,) 1 − ê_v·ê_v in the compute dtype (≈ 0 for a normalised row, 1 for an
+            all-zero row); computed from ``cost`` when omitted.
+        block_elements: rows are processed in blocks of about this many elements.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"softmax_stats expects (n, V) logits, got shape {tuple(logits.shape)}")
+    ct = _compute_dtype(logits.dtype)
+    if cost is not None:
+        if cost.dtype == torch.float64 and ct != torch.float64:
+            cost = cost.to(ct)
+        if self_cost is None:
+            self_cost = 1.0 - cost.to(ct).pow(2).sum(-1)
+        self_cost = self_cost.to(ct)
+    ce, ent, demd = _SoftmaxStats.apply(logits, targets, cost, self_cost, bool(entropy), int(block_elements))
+    out = {"ce": ce}
+    if entropy:
+        out["entropy"] = ent
+    if cost is not None:
+        out["demd"] = demd
+    return out
