@@ -12,84 +12,127 @@ full-logit path (tested to 1e-5 in fp32).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .base import IGNORE_INDEX, Objective, ObjectiveOutput, shift_labels
 
 DEFAULT_CHUNK_SIZE = 2048
 
 
+def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the model's own lm_head matmul would run in (autocast's, when it is on)."""
+    kind = hidden.device.type
+    try:
+        if torch.is_autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind)
+    except (TypeError, RuntimeError):  # device types without autocast support
+        pass
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _no_autocast(device: torch.device):
+    try:
+        return torch.autocast(device.type, enabled=False) if torch.is_autocast_enabled(device.type) else nullcontext()
+    except (TypeError, RuntimeError):
+        return nullcontext()
+
+
+def _stats_input(objective: Objective, logits: torch.Tensor) -> torch.Tensor:
+    # The same logits token_stats gets on the full path (Objective.__call__).
+    if objective.fp32_math_inside and logits.dtype in (torch.bfloat16, torch.float16):
+        return logits
+    return logits.float()
+
+
 class _ChunkedStats(torch.autograd.Function):
+    """``objective.token_stats(hidden @ weight.T + bias)`` one chunk of rows at a time.
+
+    Forward: each chunk's logits are computed, reduced to statistics and dropped; only
+    ``hidden``, ``weight``, ``bias`` and ``targets`` are kept for backward (no N×V tensor).
+    Backward: each chunk's logits are recomputed, the statistics' gradients are pushed through
+    ``token_stats`` (its own autograd or closed-form backward) into d logits, and then into
+    ``hidden`` (d logits · W) and ``weight`` (Σ_chunks d logitsᵀ · h, accumulated in fp32).
+    The matmuls run in the dtype the model's lm_head would use (autocast's under autocast),
+    in both passes, so the recomputed logits are bit-identical to the forward ones.
+    """
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, objective, chunk_size, names, shapes, pos_extras):  # noqa: D401
+    def forward(ctx, hidden, weight, bias, targets, objective, chunk_size, names, shapes, pos_extras):
+        mm_dtype = _matmul_dtype(hidden, weight)
         n = hidden.shape[0]
         outs = {name: hidden.new_empty((n, *shape), dtype=torch.float32) for name, shape in zip(names, shapes)}
-        with torch.no_grad():
+        with torch.no_grad(), _no_autocast(hidden.device):
+            w = weight.to(mm_dtype)
+            b = None if bias is None else bias.to(mm_dtype)
             for start in range(0, n, chunk_size):
                 sl = slice(start, min(start + chunk_size, n))
-                logits = _chunk_logits(hidden[sl], weight, bias)
+                logits = _stats_input(objective, F.linear(hidden[sl].to(mm_dtype), w, b))
                 stats = objective.token_stats(logits, targets[sl], {k: v[sl] for k, v in pos_extras.items()})
                 for name in names:
                     outs[name][sl] = stats[name]
+                del logits, stats
         ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.mm_dtype = bias is not None, mm_dtype
         ctx.objective, ctx.chunk_size, ctx.names, ctx.pos_extras = objective, chunk_size, names, pos_extras
+        ctx.set_materialize_grads(False)
         return tuple(outs[name] for name in names)
 
     @staticmethod
     def backward(ctx, *grads):
         hidden, weight, bias, targets = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.needs_input_grad[2] and bias is not None
         grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if (need_b and bias is not None) else None
+        if not (need_h or need_w or need_b) or all(g is None for g in grads):
+            return (grad_h,) + (None,) * 8
+        mm_dtype = ctx.mm_dtype
+        # fp32 accumulators for the sums over chunks (the parameters may be bf16).
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         n = hidden.shape[0]
-        for start in range(0, n, ctx.chunk_size):
-            sl = slice(start, min(start + ctx.chunk_size, n))
-            gs = [g[sl] if g is not None else None for g in grads]
-            if all(g is None or not g.any() for g in gs):
-                continue
-            with torch.enable_grad():
-                h = hidden[sl].detach().requires_grad_(need_h)
-                w = weight.detach().requires_grad_(need_w)
-                b = bias.detach().requires_grad_(need_b) if bias is not None else None
-                logits = _chunk_logits(h, w, b)
-                stats = ctx.objective.token_stats(
-                    logits, targets[sl], {k: v[sl] for k, v in ctx.pos_extras.items()}
-                )
-                outs, gouts = [], []
-                for name, g in zip(ctx.names, gs):
-                    if g is not None and stats[name].requires_grad:
-                        outs.append(stats[name])
-                        gouts.append(g)
-                inputs = [t for t, need in ((h, need_h), (w, need_w), (b, need_b and b is not None)) if need]
-                if not outs or not inputs:
+        with _no_autocast(hidden.device):
+            w = weight.detach().to(mm_dtype)
+            b = None if bias is None else bias.detach().to(mm_dtype)
+            for start in range(0, n, ctx.chunk_size):
+                sl = slice(start, min(start + ctx.chunk_size, n))
+                h = hidden[sl].detach().to(mm_dtype)
+                with torch.no_grad():
+                    logits = _stats_input(ctx.objective, F.linear(h, w, b))
+                logits.requires_grad_(True)
+                with torch.enable_grad():
+                    stats = ctx.objective.token_stats(
+                        logits, targets[sl], {k: v[sl] for k, v in ctx.pos_extras.items()}
+                    )
+                    outs, gouts = [], []
+                    for name, g in zip(ctx.names, grads):
+                        if g is not None and stats[name].requires_grad:
+                            outs.append(stats[name])
+                            gouts.append(g[sl])
+                    if not outs:
+                        continue
+                    (g_logits,) = torch.autograd.grad(outs, (logits,), gouts, allow_unused=True)
+                del stats, outs, logits
+                if g_logits is None:
                     continue
-                got = iter(torch.autograd.grad(outs, inputs, gouts, allow_unused=True))
-            if need_h:
-                g = next(got)
-                if g is not None:
-                    grad_h[sl] = g
-            if need_w:
-                g = next(got)
-                if g is not None:
-                    grad_w += g
-            if need_b and bias is not None:
-                g = next(got)
-                if g is not None:
-                    grad_b += g
+                g_logits = g_logits.to(mm_dtype)
+                if need_h:
+                    grad_h[sl] = g_logits @ w
+                if need_w:
+                    if mm_dtype == torch.float32:
+                        grad_w.addmm_(g_logits.T, h)
+                    else:
+                        grad_w += g_logits.T @ h
+                if need_b:
+                    grad_b += g_logits.sum(0, dtype=torch.float32)
+                del g_logits
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
-
-
-def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    # The matmul runs in the model's dtype (bf16 under autocast), the statistics in fp32.
-    logits = torch.nn.functional.linear(h, w.to(h.dtype) if w.dtype != h.dtype else w, None if b is None else b.to(h.dtype))
-    return logits.float()
 
 
 def chunked_token_stats(
@@ -109,11 +152,9 @@ def chunked_token_stats(
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     pos_extras = pos_extras or {}
-    probe = objective.token_stats(
-        _chunk_logits(hidden[:1].detach(), weight.detach(), None if bias is None else bias.detach()),
-        targets[:1],
-        {k: v[:1] for k, v in pos_extras.items()},
-    )
+    with torch.no_grad(), _no_autocast(hidden.device):  # one row, to learn the statistics' names and shapes
+        row = F.linear(hidden[:1].to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
+        probe = objective.token_stats(_stats_input(objective, row), targets[:1], {k: v[:1] for k, v in pos_extras.items()})
     names = tuple(probe)
     shapes = tuple(tuple(probe[name].shape[1:]) for name in names)  # () for (n,) stats, (k,) for (n, k)
     outs = _ChunkedStats.apply(hidden, weight, bias, targets, objective, chunk_size, names, shapes, pos_extras)
