@@ -107,6 +107,9 @@ class DataConfig:
     calibration_sentences: int | None = None
     #: Minimum words of a calibration sentence (shorter ones and headings are dropped).
     calibration_min_words: int = 5
+    #: Undo a corpus' tokenisation spaces in every split before use: ``wikitext`` (for the
+    #: ``wiki.*.tokens`` files: `` @-@ `` → ``-``, `` , `` → ``,``...); null = text used as is.
+    detokenize: Literal["wikitext"] | None = None
 
 
 @dataclass

@@ -115,6 +115,9 @@ def load_raw_splits(cfg: DataConfig, seed: int = 42):
     else:
         raw = datasets.DatasetDict({"train": raw["train"], "validation": raw["validation"]})
     col, min_chars = cfg.text_column, max(cfg.min_chars, 1)
+    if cfg.detokenize == "wikitext":
+        raw = raw.map(lambda b: {col: [detokenize_wikitext(t) if isinstance(t, str) else t for t in b[col]]},
+                      batched=True, desc="detokenize")
     raw = raw.filter(lambda b: [isinstance(t, str) and len(t.strip()) >= min_chars for t in b[col]], batched=True)
     if cfg.max_train_samples is not None:
         raw["train"] = raw["train"].select(range(min(cfg.max_train_samples, len(raw["train"]))))
