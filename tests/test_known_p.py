@@ -266,3 +266,23 @@ def test_script_parser_builds_the_grid():
     assert [s.options["eta"] for s in config.objectives] == [0.0, 1.0]
     full = mod.build_config(mod.make_parser().parse_args(["--full"]))
     assert max(full.families["bigram"].vocab_sizes) == 1000 and full.num_train == 50_000
+
+
+def test_trainer_path_and_checkpoint_evaluation(tmp_path):
+    """The bigram model trains through ObjectiveTrainer; a saved checkpoint is scored from disk."""
+    from emo_trainer.known_p.lab import evaluate_checkpoint
+    from emo_trainer.known_p.training import train_with_trainer
+
+    chain = generate_chain(4, seed=0)
+    write_dataset(chain, tmp_path / "data", num_train=64, num_validation=16, max_length=6, seed=0)
+    seqs = load_sequences(tmp_path / "data" / "train.jsonl", chain)
+    model = make_model("bigram", chain, 6, seed=0)
+    before = evaluate_model(model, chain, 6, context_free=True)["js"]
+    logs = train_with_trainer(model, "mixce", chain, seqs, str(tmp_path / "run"), steps=20, batch_size=16, lr=0.1,
+                              objective_options={"eta": 0.5})
+    assert logs and "weight" in logs[-1]  # the objective's diagnostics reach the Trainer's logs
+    after = evaluate_model(model, chain, 6, context_free=True)
+    assert after["js"] < before
+    model.save_pretrained(tmp_path / "ckpt")
+    from_disk = evaluate_checkpoint(tmp_path / "ckpt", tmp_path / "data")
+    assert from_disk["js"] == pytest.approx(after["js"], rel=1e-6)

@@ -113,3 +113,17 @@ class BigramLM(PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         # No cache: the last token is all a bigram needs.
         return {"input_ids": input_ids[:, -1:]}
+
+
+def _register_auto_classes() -> None:
+    """Let ``AutoConfig``/``AutoModelForCausalLM`` load saved bigram checkpoints (once per process)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        AutoConfig.register(BigramConfig.model_type, BigramConfig)
+        AutoModelForCausalLM.register(BigramConfig, BigramLM)
+    except ValueError:  # already registered
+        pass
+
+
+_register_auto_classes()

@@ -212,18 +212,16 @@ def evaluate_checkpoint(model_dir: str | Path, data_dir: str | Path, context_fre
     :class:`BigramLM` checkpoint is read row by row (exact).  ``max_length`` comes from the
     dataset's ``meta.json``.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from .bigram import BigramConfig, BigramLM
+    from .bigram import BigramConfig
 
     data_dir = Path(data_dir)
     meta = json.loads((data_dir / "meta.json").read_text())
     chain = load_chain(data_dir)
-    if AutoConfig.from_pretrained(model_dir).model_type == BigramConfig.model_type:
-        model = BigramLM.from_pretrained(model_dir)
-        context_free = True if context_free is None else context_free
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)  # the bigram type is registered on import
+    if context_free is None:
+        context_free = model.config.model_type == BigramConfig.model_type
     evalset = load_sequences(data_dir / "validation.jsonl", chain)
     return evaluate_model(model, chain, meta["max_length"], evalset, context_free=bool(context_free))
 
