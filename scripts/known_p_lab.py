@@ -13,6 +13,9 @@ Writes to ``--output-dir``: ``results.json`` (every run), ``results.md`` (mean Â
     python scripts/known_p_lab.py --output-dir runs/known_p            # CPU grid, ~10 min on 2 cores
     python scripts/known_p_lab.py --output-dir runs/known_p_full --full  # paper scale (hours on CPU)
     python scripts/known_p_lab.py --families bigram --vocab-sizes 20 --seeds 0 --objectives mle mixce
+    python scripts/known_p_lab.py --families bigram --output-dir runs/kp_b &  # one process per family ...
+    python scripts/known_p_lab.py --families gpt2 --output-dir runs/kp_g; wait
+    python scripts/known_p_lab.py --merge runs/kp_b runs/kp_g --output-dir runs/known_p   # ... one report
     python scripts/known_p_lab.py --data-only --vocab-sizes 20 --seeds 0       # datasets for scripts/train.py
     python scripts/known_p_lab.py --evaluate runs/known_p_gpt2 --data runs/known_p/data/V20-s0
 
@@ -51,6 +54,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="train the GPT-2 family with ObjectiveTrainer (default) or the plain loop")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--report-only", action="store_true", help="rebuild results.md and the plot from results.json")
+    p.add_argument("--merge", nargs="+", metavar="DIR",
+                   help="merge the results.json of several lab runs (e.g. one per family) into --output-dir")
     p.add_argument("--data-only", action="store_true",
                    help="only write the grid's datasets (output-dir/data/V{V}-s{seed}/) for scripts/train.py")
     p.add_argument("--evaluate", metavar="MODEL_DIR",
@@ -86,7 +91,14 @@ def build_config(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
-    from emo_trainer.known_p.lab import evaluate_checkpoint, plot_results, results_markdown, run_lab, write_datasets
+    from emo_trainer.known_p.lab import (
+        evaluate_checkpoint,
+        merge_results,
+        plot_results,
+        results_markdown,
+        run_lab,
+        write_datasets,
+    )
 
     out = Path(args.output_dir)
     if args.threads:
@@ -100,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         for d in write_datasets(build_config(args), out):
             print(d)
         return 0
-    if args.report_only:
+    if args.merge:
+        results = merge_results([json.loads((Path(d) / "results.json").read_text()) for d in args.merge])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    elif args.report_only:
         results = json.loads((out / "results.json").read_text())
     else:
         config = build_config(args)

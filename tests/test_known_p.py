@@ -245,6 +245,13 @@ def test_lab_smoke(tmp_path):
     assert all(r.get("metrics") for r in results["runs"])
     md = results_markdown(json.loads((tmp_path / "results.json").read_text()))
     assert "| MLE |" in md and "V = 4" in md and "- missing:" in md
+    from emo_trainer.known_p.lab import merge_results
+
+    assert len(merge_results([results, results])["runs"]) == 2 * len(results["runs"])
+    other = json.loads(json.dumps(results))
+    other["config"]["max_length"] = 7
+    with pytest.raises(ValueError, match="max_length"):
+        merge_results([results, other])
     plot_results(results, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
     assert (tmp_path / "data" / "V4-s1" / "tokenizer").is_dir()

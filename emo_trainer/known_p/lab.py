@@ -46,6 +46,7 @@ __all__ = [
     "dataset_dir",
     "default_objective_specs",
     "evaluate_checkpoint",
+    "merge_results",
     "plot_results",
     "resolve_options",
     "results_markdown",
@@ -316,6 +317,27 @@ def _run_one(config, fam, family, spec, chain, train, evalset, seed, out) -> dic
         rec["traceback"] = traceback.format_exc(limit=4)
     rec["seconds"] = time.perf_counter() - start
     return rec
+
+
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results dict from several runs of parts of a grid (e.g. one process per family).
+
+    Families and runs are concatenated; the other settings must agree (a clear error otherwise).
+    """
+    if not parts:
+        raise ValueError("nothing to merge")
+    merged = json.loads(json.dumps(parts[0]))
+    for part in parts[1:]:
+        for key, value in part["config"].items():
+            if key not in ("families", "objectives") and merged["config"].get(key) != value:
+                raise ValueError(f"cannot merge lab results with different '{key}': {merged['config'].get(key)} vs {value}")
+        for family, fam in part["config"]["families"].items():
+            if family in merged["config"]["families"] and merged["config"]["families"][family] != fam:
+                raise ValueError(f"cannot merge two different settings of family '{family}'")
+            merged["config"]["families"][family] = fam
+        merged["runs"] += part["runs"]
+        merged["skipped"].update(part.get("skipped", {}))
+    return merged
 
 
 # ---------------------------------------------------------------------- reporting
