@@ -334,8 +334,12 @@ def collate_tapes(
         state[i, :m], slot[i, :m], nxt[i, :m] = tp.act_state, tp.act_slot, tp.act_next
         weight[i, :m] = torch.pow(torch.tensor(float(gamma), dtype=torch.float64), tp.act_time.double())
         amask[i, :m] = True
+    # The (B, 1, T, T) mask is built where the model runs: only (B, T) tensors cross to the device.
+    death = death.to(device) if device is not None else death
     allowed = ancestor_mask(death)
-    mask = torch.zeros((b, 1, t, t), dtype=dtype).masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    mask = torch.zeros((b, 1, t, t), dtype=dtype, device=death.device).masked_fill_(
+        ~allowed[:, None], torch.finfo(dtype).min
+    )
     model_inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask}
     loss_inputs = {
         "labels": labels,

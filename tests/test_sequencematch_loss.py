@@ -258,3 +258,30 @@ def test_end_to_end_tree_forward_loss_matches_float64_separate_forwards():
     ref_params = dict(ref_model.named_parameters())
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad.double(), ref_params[name].grad, atol=2e-5, rtol=1e-3)
+
+
+def test_policy_stats_match_plain_autograd_and_gradcheck():
+    from emo_trainer.objectives.sequencematch import policy_stats
+
+    g = torch.Generator().manual_seed(0)
+    n, vocab, bk = 7, 11, 10
+    logits = torch.randn(n, vocab, generator=g, dtype=torch.float64)
+    logits[0, bk] = 40.0  # <bkspc> dominates a row where it is masked: V must ignore it stably
+    targets = torch.randint(0, bk, (n,), generator=g)
+    actions = torch.tensor([[1, -1], [bk, 3], [4, 4], [-1, -1], [2, bk], [0, 5], [9, -1]])
+    allowed = torch.tensor([False, True, True, False, True, False, True])
+    leaf = logits.clone().requires_grad_(True)
+    ce, v, q = policy_stats(leaf, targets, actions, allowed, bk, block_elements=3 * vocab)  # several blocks
+    masked = torch.where(allowed[:, None] | (torch.arange(vocab) != bk), leaf, torch.tensor(float("-inf")))
+    ref_ce = torch.logsumexp(leaf, -1) - leaf.gather(1, targets[:, None]).squeeze(1)
+    ref_v = torch.logsumexp(masked, -1)
+    ref_q = leaf.gather(1, actions.clamp_min(0)) * (actions >= 0)
+    torch.testing.assert_close((ce, v, q), (ref_ce, ref_v, ref_q))
+    w = torch.randn(3, n, generator=g, dtype=torch.float64)
+    wq = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    (a,) = torch.autograd.grad((w[0] * ce + w[1] * v).sum() + (wq * q).sum(), leaf)
+    (b,) = torch.autograd.grad((w[0] * ref_ce + w[1] * ref_v).sum() + (wq * ref_q).sum(), leaf)
+    torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(
+        lambda z: policy_stats(z, targets, actions, allowed, bk, block_elements=2 * vocab), (leaf,)
+    )

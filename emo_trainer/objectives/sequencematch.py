@@ -345,18 +345,8 @@ class SequenceMatchObjective(Objective):
     def token_stats(self, logits, targets, extras=None):
         if not extras or "sm_actions" not in extras:  # warm-up / plain batch: exactly the `mle` objective
             return {"ce": self._mle.token_stats(logits, targets)["ce"]}
-        bk = self.backspace_id
-        # V over allowed actions: logsumexp without the <bkspc> column where it is masked.
-        # One pass: lse_all = logaddexp(lse_without_bk, z_bk); slices are views, never an N×V copy.
-        parts = [torch.logsumexp(logits[:, :bk], -1)] if bk > 0 else []
-        if bk + 1 < logits.shape[1]:
-            parts.append(torch.logsumexp(logits[:, bk + 1 :], -1))
-        lse_wo = parts[0] if len(parts) == 1 else torch.logaddexp(parts[0], parts[1])
-        lse_all = torch.logaddexp(lse_wo, logits[:, bk])
-        v = torch.where(extras["sm_bk_allowed"], lse_all, lse_wo)
-        # CE over all columns (<bkspc> included): the MLE part, the same function as the `mle` objective.
-        q = logits.gather(1, extras["sm_actions"].clamp_min(0))  # (n, K) Q of each action taken from the node
-        return {"ce": lse_all - logits.gather(1, targets[:, None]).squeeze(1), "v": v, "q": q}
+        ce, v, q = policy_stats(logits, targets, extras["sm_actions"], extras["sm_bk_allowed"], self.backspace_id)
+        return {"ce": ce, "v": v, "q": q}
 
     def combine(self, stats, valid, extras=None):
         extras = extras or {}
@@ -414,4 +404,65 @@ class SequenceMatchObjective(Objective):
         return loss_sum, metrics
 
 
-__all__ = ["SequenceMatchObjective"]
+class _PolicyStats(torch.autograd.Function):
+    """(CE, V, Q) of each row of ``logits`` in one pass; see :func:`policy_stats`."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, actions, bk_allowed, bk, block_rows):
+        n = logits.shape[0]
+        ce, v = logits.new_empty(n), logits.new_empty(n)
+        lse_all = logits.new_empty(n)
+        for start in range(0, n, block_rows):
+            sl = slice(start, min(start + block_rows, n))
+            z = logits[sl]
+            without = z.clone()
+            without[:, bk] = float("-inf")
+            lse_wo = torch.logsumexp(without, -1)
+            del without
+            lse_all[sl] = torch.logaddexp(lse_wo, z[:, bk])
+            v[sl] = torch.where(bk_allowed[sl], lse_all[sl], lse_wo)
+            ce[sl] = lse_all[sl] - z.gather(1, targets[sl, None]).squeeze(1)
+        q = torch.where(actions >= 0, logits.gather(1, actions.clamp_min(0)), torch.zeros((), dtype=logits.dtype))
+        ctx.save_for_backward(logits, targets, actions, bk_allowed, lse_all, v)
+        ctx.bk, ctx.block_rows = bk, block_rows
+        ctx.set_materialize_grads(False)
+        return ce, v, q
+
+    @staticmethod
+    def backward(ctx, g_ce, g_v, g_q):
+        logits, targets, actions, bk_allowed, lse_all, v = ctx.saved_tensors
+        grad = torch.zeros_like(logits)
+        n, bk = logits.shape[0], ctx.bk
+        for start in range(0, n, ctx.block_rows):
+            sl = slice(start, min(start + ctx.block_rows, n))
+            z, g = logits[sl], grad[sl]
+            if g_ce is not None:  # ∂CE/∂z = softmax(z) − onehot(y)
+                g.add_(torch.exp(z - lse_all[sl, None]) * g_ce[sl, None])
+                g.scatter_add_(1, targets[sl, None], -g_ce[sl, None])
+            if g_v is not None:  # ∂V/∂z = policy over the allowed actions (no <bkspc> column where masked)
+                p = torch.exp(z - v[sl, None])
+                p[:, bk] = torch.where(bk_allowed[sl], p[:, bk], torch.zeros_like(p[:, bk]))
+                g.add_(p * g_v[sl, None])
+            if g_q is not None:  # ∂Q/∂z = onehot(a), several actions per row
+                a = actions[sl]
+                g.scatter_add_(1, a.clamp_min(0), torch.where(a >= 0, g_q[sl], torch.zeros_like(g_q[sl])))
+        return grad, None, None, None, None, None
+
+
+def policy_stats(
+    logits: torch.Tensor, targets: torch.Tensor, actions: torch.Tensor, bk_allowed: torch.Tensor, backspace_id: int,
+    block_elements: int = 1 << 24,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ``CE = lse(z) − z[y]`` (all columns), ``V = logsumexp`` over the allowed actions
+    (no ``<bkspc>`` where ``bk_allowed`` is False) and ``Q = z[actions]`` (n, K; 0 for the −1
+    padding of ``actions``) of (n, V) logits.
+
+    A custom autograd Function: autograd keeps only the logits (no N×V softmax or one-hot
+    copies); forward and backward work on blocks of rows (``block_elements`` per temporary)
+    with the closed-form gradients softmax − onehot, the masked policy, and onehot(actions).
+    """
+    rows = max(1, block_elements // max(logits.shape[1], 1))
+    return _PolicyStats.apply(logits, targets, actions, bk_allowed, int(backspace_id), rows)
+
+
+__all__ = ["SequenceMatchObjective", "policy_stats"]
