@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import dataclasses
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -163,8 +164,10 @@ def build_calibration_set(args, out: Path) -> list[str]:
     from emo_trainer.config import load_config
     from emo_trainer.data import calibration_set, load_raw_splits
 
-    path = out / "calibration_set.txt"
-    if path.is_file():
+    path, meta_path = out / "calibration_set.txt", out / "calibration_set.json"
+    meta = {"train_file": str(args.train_file), "sentences": args.sentences, "seed": args.seed,
+            "detokenize": args.detokenize, "config": str(args.config)}
+    if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
         return path.read_text(encoding="utf-8").splitlines()
     cfg = load_config(args.config, [
         f"--model.name_or_path={args.model}", "--data.dataset=null", f"--data.train_files=[{args.train_file}]",
@@ -177,6 +180,7 @@ def build_calibration_set(args, out: Path) -> list[str]:
                             min_words=cfg.data.calibration_min_words)
     out.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(sents) + "\n", encoding="utf-8")
+    meta_path.write_text(json.dumps(meta))
     return sents
 
 
@@ -186,13 +190,15 @@ def reference_features(args, out: Path, prompts):
 
     from emo_trainer.metrics.mauve import featurize
 
-    path = out / "reference_features.npy"
-    if path.is_file():
-        feats = np.load(path)
-        if len(feats) == len(prompts):
-            return feats
-    feats = featurize(featurizer_of(args), [p.human_text for p in prompts])
+    path, key_path = out / "reference_features.npy", out / "reference_features.key"
+    feat = featurizer_of(args)
+    texts = [p.human_text for p in prompts]
+    key = hashlib.sha256("\x00".join([str(args.featurizer or args.model), *texts]).encode()).hexdigest()
+    if path.is_file() and key_path.is_file() and key_path.read_text() == key:
+        return np.load(path)
+    feats = featurize(feat, texts)
     np.save(path, feats)
+    key_path.write_text(key)
     return feats
 
 
