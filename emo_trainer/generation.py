@@ -115,13 +115,13 @@ def sample_continuations(
         encoded = [tokenizer(p)["input_ids"] for p in prompts[start : start + config.batch_size]]
         if max_prompt is not None:
             encoded = [ids[-max_prompt:] for ids in encoded]
+        encoded = [ids or [pad_id] for ids in encoded]  # an empty prompt: start from one pad/EOS token
         width = max(len(ids) for ids in encoded)
         input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
         for row, ids in enumerate(encoded):  # left padding: every prompt ends at the same position
-            if ids:
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                attention_mask[row, width - len(ids) :] = 1
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, width - len(ids) :] = 1
         out = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),

@@ -1,9 +1,14 @@
-"""Split a list across processes and gather the results back in order (accelerate, any world size).
+"""Split a list across processes and gather the results back in order (any world size).
 
 Every process gets a contiguous, equally long shard (the tail is padded by repeating the last item)
 so that sharded models (DeepSpeed ZeRO-3, FSDP) run the same number of forward passes on every
 rank; the padding is dropped again after :func:`gather_in_order`. On a single process both are
 no-ops and nothing touches ``torch.distributed``.
+
+The collectives are ``torch.distributed``'s object collectives on the default process group (the
+one ``accelerate launch`` / ``torchrun`` sets up), what ``accelerate.utils.gather_object`` uses on
+GPUs; called directly so that they also work where accelerate's state reports a single process
+although a group exists (e.g. ``torchrun`` on CPUs).
 """
 
 from __future__ import annotations
@@ -16,19 +21,18 @@ T = TypeVar("T")
 __all__ = ["broadcast_from_main", "gather_in_order", "process_info", "shard_for_process"]
 
 
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
 def process_info() -> tuple[int, int]:
-    """``(process_index, num_processes)`` from accelerate's :class:`PartialState` (``(0, 1)`` if not distributed)."""
-    try:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return 0, 1
-    except ImportError:  # pragma: no cover - torch always has it
+    """``(process_index, num_processes)`` of the default process group (``(0, 1)`` when there is none)."""
+    dist = _dist()
+    if dist is None:
         return 0, 1
-    from accelerate import PartialState
-
-    state = PartialState()
-    return state.process_index, state.num_processes
+    return dist.get_rank(), dist.get_world_size()
 
 
 def shard_for_process(items: list[T]) -> list[T]:
@@ -43,19 +47,19 @@ def shard_for_process(items: list[T]) -> list[T]:
 
 def gather_in_order(local: list[Any], total: int) -> list[Any]:
     """Inverse of :func:`shard_for_process`: every process gets the ``total`` results in the original order."""
-    _, world = process_info()
-    if world == 1:
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
         return list(local)
-    from accelerate.utils import gather_object
-
-    return list(gather_object(list(local)))[:total]
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(local))
+    return [x for part in parts for x in part][:total]
 
 
 def broadcast_from_main(obj: Any) -> Any:
     """The main process's ``obj`` on every process (identity on a single process)."""
-    _, world = process_info()
-    if world == 1:
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
         return obj
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([obj])[0]
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

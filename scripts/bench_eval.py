@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Time one generation evaluation (the work GenerationEvalCallback does at every eval step).
+
+    # quickstart-sized: a trained quickstart checkpoint (or --fresh quickstart), 500 prompts
+    python scripts/bench_eval.py --model runs/quickstart/final --documents builtin:quickstart \\
+        --prompt-words 8 --continuation-words 24 --max-new-tokens 32 --featurizer hashing
+    # GPT-2-small size (124M, random weights: the timing does not depend on them), WikiText prompts
+    python scripts/bench_eval.py --fresh gpt2-small --tokenizer ../shared/data/gpt2-tokenizer \\
+        --documents ../shared/data/wikitext-2-raw/wiki.valid.raw --featurizer /models/gpt2-large
+
+Runs the evaluation twice: the first includes loading the featurizer and featurizing the
+reference texts (cached afterwards), the second is what every later evaluation costs. Prints a
+breakdown (sampling, featurizing references / generations, k-means + MAUVE, repetition) and
+writes it as JSON with ``--output``. See docs/evaluation.md for measured numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Time one evaluation of the generation metrics.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a causal-LM checkpoint directory")
+    src.add_argument("--fresh", help="random weights of this size: quickstart, gpt2-small, or a config.json path")
+    p.add_argument("--tokenizer", help="tokenizer path (default: the checkpoint's; required with --fresh gpt2-small)")
+    p.add_argument("--documents", default="builtin:quickstart", help="builtin:quickstart or a .txt file (one per line)")
+    p.add_argument("--num-prompts", type=int, default=500)
+    p.add_argument("--prompt-words", type=int, default=20)
+    p.add_argument("--continuation-words", type=int, default=80)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--featurizer", default="hashing")
+    p.add_argument("--featurizer-batch-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2, help="evaluations to run (the first pays the one-off costs)")
+    p.add_argument("--threads", type=int, help="torch and faiss threads (default: theirs); 1 on an oversubscribed CPU")
+    p.add_argument("--output", help="write the timings as JSON here")
+    return p
+
+
+class TimedFeaturizer:
+    """Wraps a featurizer and accumulates the time spent in it."""
+
+    def __init__(self, inner):
+        self.inner, self.seconds, self.calls = inner, 0.0, []
+
+    @property
+    def name(self):
+        return self.inner.name
+
+    def __call__(self, texts):
+        t0 = time.perf_counter()
+        out = self.inner(texts)
+        dt = time.perf_counter() - t0
+        self.seconds += dt
+        self.calls.append((len(texts), round(dt, 3)))
+        return out
+
+
+def _documents(spec: str, n: int) -> list[str]:
+    if spec == "builtin:quickstart":
+        from emo_trainer.quickstart_corpus import make_corpus
+
+        return make_corpus(max(2 * n, 600), seed=123)  # same grammar as the quickstart, not its training docs
+    return Path(spec).read_text(encoding="utf-8").splitlines()
+
+
+def _model(args):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    if args.model:
+        tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval(), tok
+    if args.fresh == "quickstart":
+        from emo_trainer.modeling import train_bpe_tokenizer
+        from emo_trainer.quickstart_corpus import quickstart_splits
+
+        tok = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else \
+            train_bpe_tokenizer(quickstart_splits(seed=0)["train"], 512)
+        config = GPT2Config(n_layer=2, n_embd=128, n_head=4, n_positions=128, vocab_size=len(tok))
+    else:
+        if not args.tokenizer:
+            raise SystemExit(f"--fresh {args.fresh} needs --tokenizer (e.g. ../shared/data/gpt2-tokenizer)")
+        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        if args.fresh == "gpt2-small":
+            config = GPT2Config(vocab_size=len(tok))  # GPT-2 small: 12 layers, 768 wide, 1024 positions
+        else:
+            config = GPT2Config.from_pretrained(args.fresh)
+            config.dtype = "float32"
+    config.bos_token_id = config.eos_token_id = tok.eos_token_id
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config).eval(), tok
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    import torch
+
+    t0 = time.perf_counter()
+    import mauve  # noqa: F401  (mauve-text + faiss + sklearn: a one-off import cost, reported apart)
+
+    import_seconds = time.perf_counter() - t0
+    if args.threads:
+        import faiss
+
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
+    from emo_trainer.eval_config import EvalConfig
+    from emo_trainer.evaluation import build_generation_callback
+    from emo_trainer.metrics.mauve import get_featurizer
+
+    model, tok = _model(args)
+    cfg = EvalConfig(num_prompts=args.num_prompts, prompt_words=args.prompt_words,
+                     continuation_words=args.continuation_words, max_new_tokens=args.max_new_tokens,
+                     batch_size=args.batch_size, mauve_featurizer=args.featurizer,
+                     featurizer_batch_size=args.featurizer_batch_size)
+    cb = build_generation_callback(cfg, _documents(args.documents, args.num_prompts), tok)
+    feat = TimedFeaturizer(get_featurizer(cfg.mauve_featurizer, cfg.mauve_max_text_length, cfg.featurizer_batch_size,
+                                          cfg.mauve_pooling, cfg.mauve_device))
+    cb._featurizer = feat
+    runs = []
+    for i in range(args.repeats):
+        feat.seconds, feat.calls = 0.0, []
+        t0 = time.perf_counter()
+        m = cb.generation_metrics(model, tok)
+        total = time.perf_counter() - t0
+        sampling = m["generation_runtime"] - m["mauve_runtime"]
+        runs.append({
+            "evaluation": i + 1,
+            "total_s": round(total, 2),
+            "sampling_and_repetition_s": round(sampling, 2),
+            "featurizer_s": round(feat.seconds, 2),
+            "featurizer_calls": feat.calls,
+            "kmeans_mauve_s": round(m["mauve_runtime"] - feat.seconds, 2),
+            "mean_length_words": round(m["mean_length"], 1),
+            "mauve": round(m["mauve"], 4),
+        })
+        print(json.dumps(runs[-1]), flush=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    result = {
+        "model": args.model or f"fresh {args.fresh}", "parameters": n_params, "featurizer": args.featurizer,
+        "num_prompts": len(cb.prompts), "prompt_words": args.prompt_words,
+        "continuation_words": args.continuation_words, "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size, "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "mauve_import_s": round(import_seconds, 2), "evaluations": runs,
+    }
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "evaluations"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
