@@ -170,6 +170,7 @@ def plot(runs: list[tuple[str, dict]], path: Path, title: str | None = None) -> 
         if log and drawn:
             ax.set_yscale("log")
             plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+            ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(base=10, subs=(2, 3, 5)))
             ax.yaxis.set_major_formatter(plain)
             ax.yaxis.set_minor_formatter(plain)
         if not drawn:
