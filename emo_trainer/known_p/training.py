@@ -102,7 +102,7 @@ def train_loop(
     seed: int = 0,
     tokenizer: Any = None,
 ) -> list[dict[str, float]]:
-    """Train ``model`` in place with ``objective`` for ``steps`` optimizer steps.
+    """Train ``model`` in place with ``objective`` for ``steps`` optimizer steps, on the model's device.
 
     AdamW (weight decay 0), cosine schedule after ``warmup_steps`` of linear warm-up, batches
     of ``batch_size`` sequences drawn by a seeded shuffle (reshuffled each epoch).  Returns
@@ -112,8 +112,9 @@ def train_loop(
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, warmup_steps))
-    # Pad everything once; a batch is a row slice trimmed to its longest sequence.
-    all_batch = collate(list(SequenceDataset(chain, sequences)), chain.pad_id)
+    # Pad everything once (on the model's device); a batch is a row slice trimmed to its longest sequence.
+    device = next(model.parameters()).device
+    all_batch = {k: v.to(device) for k, v in collate(list(SequenceDataset(chain, sequences)), chain.pad_id).items()}
     lengths = all_batch["attention_mask"].sum(1)
     batch_size = min(batch_size, len(lengths))
     rng = np.random.default_rng(seed)
@@ -121,7 +122,7 @@ def train_loop(
     for step in range(steps):
         if cursor + batch_size > len(order):
             order, cursor = rng.permutation(len(lengths)), 0
-        rows = torch.as_tensor(order[cursor : cursor + batch_size])
+        rows = torch.as_tensor(order[cursor : cursor + batch_size], device=device)
         cursor += batch_size
         width = int(lengths[rows].max())
         batch = {k: v[rows, :width] for k, v in all_batch.items()}
