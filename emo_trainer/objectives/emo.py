@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Objective, masked_mean
-from .fused import softmax_stats
+from .fused import self_costs, softmax_stats
 from .registry import register
 
 #: Epsilon of the row L2-normalisation of the cost embedding (a zero row stays zero).
@@ -279,8 +279,7 @@ class EmoObjective(Objective):
         if self._transport_cache is None or self._transport_cache[0].device != cost.device:
             # float64 logits (tests) keep float64 products; otherwise the configured dtype.
             dtype = cost.dtype if cost.dtype == torch.float64 else TRANSPORT_DTYPES[self.transport_dtype]
-            self_cost = 1.0 - cost.pow(2).sum(-1)  # 1 − ê_v·ê_v: ≈ 0, or 1 for an all-zero row
-            self._transport_cache = (cost.to(dtype), self_cost)
+            self._transport_cache = (cost.to(dtype), self_costs(cost))  # 1 − ê_v·ê_v: 0, or 1 for a zero row
         return self._transport_cache
 
     def token_stats(self, logits, targets, extras=None):

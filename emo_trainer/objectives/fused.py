@@ -15,7 +15,8 @@ pass keeps only the logits it was given (the tensor the model already returned, 
 own dtype) and a few length-n vectors; the backward pass recomputes q = exp(z − lse) and
 writes the gradient straight into one tensor of the logits' dtype, using the closed forms
 above.  Both passes work on blocks of rows so their fp32 temporaries stay bounded
-(``block_elements``), whatever n is.  The math runs in fp32 (float64 for float64 logits).
+(``block_elements``, and at most 1/``MIN_BLOCKS`` of the logits), whatever n is.  The math
+runs in fp32 (float64 for float64 logits).
 
 EMO's D is computed without cancellation: with q' = q with its gold entry set to 0,
 
@@ -23,8 +24,8 @@ EMO's D is computed without cancellation: with q' = q with its gold entry set to
 
 so both terms that cancel are O(1 − q_y) rather than O(1): D keeps its relative precision
 when q sits on the gold token, and the (n×V)(V×d_c) product tolerates low precision
-(``transport_dtype``).  The last term is q_y·0 up to rounding for a normalised row (and
-q_y for an all-zero row, which the cosine cost gives a self-cost of 1).
+(``transport_dtype``).  The last term is 0 for a unit row up to the rounding of its
+normalisation (and q_y for an all-zero row, which the cosine cost gives a self-cost of 1).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ import torch
 
 #: fp32 elements of one block of rows (so a temporary is at most 128 MiB).
 DEFAULT_BLOCK_ELEMENTS = 1 << 25
+#: ... and at least this many blocks, so temporaries stay a fraction of the N×V logits.
+MIN_BLOCKS = 8
 
-__all__ = ["DEFAULT_BLOCK_ELEMENTS", "softmax_stats"]
+__all__ = ["DEFAULT_BLOCK_ELEMENTS", "self_costs", "softmax_stats"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,7 +47,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _blocks(n: int, vocab: int, block_elements: int):
-    rows = max(1, block_elements // max(vocab, 1))
+    rows = max(1, min(block_elements // max(vocab, 1), -(-n // MIN_BLOCKS)))
     for start in range(0, n, rows):
         yield slice(start, min(start + rows, n))
 
@@ -78,19 +81,18 @@ class _SoftmaxStats(torch.autograd.Function):
         entropy = torch.empty(n if want_entropy else 0, **new)
         demd_raw = torch.empty(n if want_demd else 0, **new)
         for sl in _blocks(n, vocab, block_elements):
-            z = logits[sl]
-            copied = z.dtype != ct
-            z = z.to(ct)  # a view when the logits are already in the compute dtype: no copy
+            z = logits[sl]  # the model's dtype: each pass below reads it once and writes fp32
             y = targets[sl].unsqueeze(1)
-            m = z.amax(-1, keepdim=True)  # an all −inf row gives nan, as torch.log_softmax does
-            t = z.sub_(m) if copied else z - m  # t = z − max ≤ 0
+            m = z.amax(-1, keepdim=True).to(ct)  # an all −inf row gives nan, as torch.log_softmax does
+            t = torch.sub(z, m)  # z − max ≤ 0, in the compute dtype (the upcast is fused in)
             t_gold = t.gather(1, y).squeeze(1)
             q = t.exp() if want_entropy else t.exp_()
             s = q.sum(-1, keepdim=True)
             log_s = s.log().squeeze(1)
             lse[sl] = m.squeeze(1) + log_s
             ce[sl] = log_s - t_gold
-            q.div_(s)
+            if want_entropy or want_demd:
+                q.div_(s)
             if want_entropy:
                 # H = log s − Σ q·t: every term ≥ 0, no cancellation; Σ q·t as a batched dot.
                 entropy[sl] = log_s - torch.bmm(q.unsqueeze(1), t.unsqueeze(2)).reshape(-1)
@@ -100,9 +102,9 @@ class _SoftmaxStats(torch.autograd.Function):
                 e_y = cost[targets[sl]].to(ct)
                 moved = (q.to(cost.dtype) @ cost).to(ct)  # Êᵀq' (b×d_c), in the cost's dtype
                 demd_raw[sl] = q.sum(-1) - (moved * e_y).sum(-1) + q_gold * self_cost[targets[sl]]
-            del z, t, q
+            del t, q
         ctx.save_for_backward(logits, targets, lse, entropy, demd_raw)
-        ctx.cost, ctx.block_elements = cost, block_elements
+        ctx.cost, ctx.self_cost, ctx.block_elements = cost, self_cost, block_elements
         ctx.set_materialize_grads(False)
         # D ≥ 0 in exact arithmetic; rounding can leave about −1e-8 when q sits on y.  A
         # negative loss is a known EMO pitfall, so D is clamped (its gradient is 0 there).
@@ -130,33 +132,49 @@ class _SoftmaxStats(torch.autograd.Function):
             g_demd = torch.where(demd_raw >= 0, g_demd, torch.zeros_like(g_demd))  # clamp_min's gradient
         grad = torch.empty_like(logits)
         for sl in _blocks(n, vocab, ctx.block_elements):
-            z = logits[sl]
-            copied = z.dtype != ct
-            z = z.to(ct)
             y = targets[sl].unsqueeze(1)
             # ∂/∂z_k = q_k·w_k − g_ce·1[k = y], with
             #   w_k = g_ce + g_D·(1 − D − s_k) − g_H·(log q_k + H),   s_k = ê_k·ê_y.
-            u = z.sub_(lse[sl].unsqueeze(1)) if copied else z - lse[sl].unsqueeze(1)  # log q
-            a = torch.zeros((u.shape[0], 1), dtype=ct, device=u.device) if g_ce is None else g_ce[sl].to(ct).unsqueeze(1)
+            u = torch.sub(logits[sl], lse[sl].unsqueeze(1))  # log q, in the compute dtype
+            gc = None if g_ce is None else g_ce[sl].to(ct).unsqueeze(1)
+            if g_entropy is None and g_demd is None:
+                # CE only (MLE, MixCE, MiLe): g·(q − onehot), the product written in the logits' dtype.
+                q = u.exp_()
+                q.scatter_add_(1, y, torch.full_like(gc, -1.0))
+                torch.mul(q, gc, out=grad[sl])
+                del u, q
+                continue
+            a = torch.zeros_like(lse[sl]).unsqueeze(1) if gc is None else gc
             w = None
             if g_entropy is not None:
-                w = (u + entropy[sl].unsqueeze(1)).mul_(-g_entropy[sl].to(ct).unsqueeze(1))
+                gh = g_entropy[sl].to(ct).unsqueeze(1)
+                w = torch.addcmul(-gh * entropy[sl].unsqueeze(1), u, -gh)  # −g_H·(log q + H)
             if g_demd is not None:
                 gd = g_demd[sl].to(ct).unsqueeze(1)
                 a = a + gd * (1.0 - demd_raw[sl].unsqueeze(1))
                 s = (cost[targets[sl]] @ cost.T).to(ct)  # (b×V) ê_y·ê_k: the backward's one product
-                w = s.mul_(-gd) if w is None else w.sub_(s.mul_(gd))
+                s.scatter_(1, y, (1.0 - ctx.self_cost[targets[sl]]).unsqueeze(1))  # ê_y·ê_y as in forward
+                if w is None:
+                    w = torch.addcmul(a, s, -gd, out=s)
+                else:
+                    w.add_(torch.addcmul(a, s, -gd, out=s))
                 del s
-            q = u.exp_()
-            if w is None:
-                q.mul_(a)
             else:
-                q.mul_(w.add_(a))
-            if g_ce is not None:
-                q.scatter_add_(1, y, -g_ce[sl].to(ct).unsqueeze(1))
+                w.add_(a)
+            q = u.exp_().mul_(w)
+            if gc is not None:
+                q.scatter_add_(1, y, -gc)
             grad[sl] = q  # cast to the logits' dtype on copy
-            del z, u, q, w
+            del u, q, w
         return grad, None, None, None, None, None
+
+
+def self_costs(cost: torch.Tensor) -> torch.Tensor:
+    """1 − ê_v·ê_v per row of Ê (float64 arithmetic): 0 up to the rounding of the
+    normalisation for a unit row, 1 for an all-zero row (which the cosine cost gives a
+    self-cost of 1)."""
+    c = 1.0 - cost.double().pow(2).sum(-1)
+    return c.to(_compute_dtype(cost.dtype))
 
 
 def softmax_stats(
@@ -179,9 +197,10 @@ def softmax_stats(
             flows into it.  Its dtype is the dtype of the two (n×V)(V×d_c) products (fp32,
             or bf16 for speed: see ``EmoObjective(transport_dtype=...)``); the rest of the
             math stays in the compute dtype.
-        self_cost: (V,) 1 − ê_v·ê_v in the compute dtype (≈ 0 for a normalised row, 1 for an
+        self_cost: (V,) 1 − ê_v·ê_v (:func:`self_costs`: ≈ 0 for a normalised row, 1 for an
             all-zero row); computed from ``cost`` when omitted.
-        block_elements: rows are processed in blocks of about this many elements.
+        block_elements: rows are processed in blocks of at most this many elements (and in at
+            least ``MIN_BLOCKS`` blocks).
     """
     if logits.dim() != 2:
         raise ValueError(f"softmax_stats expects (n, V) logits, got shape {tuple(logits.shape)}")
@@ -190,7 +209,7 @@ def softmax_stats(
         if cost.dtype == torch.float64 and ct != torch.float64:
             cost = cost.to(ct)
         if self_cost is None:
-            self_cost = 1.0 - cost.to(ct).pow(2).sum(-1)
+            self_cost = self_costs(cost)
         self_cost = self_cost.to(ct)
     ce, ent, demd = _SoftmaxStats.apply(logits, targets, cost, self_cost, bool(entropy), int(block_elements))
     out = {"ce": ce}
