@@ -198,6 +198,24 @@ def test_fused_stats_ignore_autocast():
         assert cast[k].dtype == torch.float32 and torch.equal(cast[k], plain[k]), k
 
 
+def test_chunked_backward_replays_the_fused_statistics(monkeypatch):
+    """The chunk recompute in backward reuses the forward's row statistics: no second stats pass."""
+    from emo_trainer.objectives import chunked_objective_loss, fused, get_objective
+
+    passes = []
+    real_blocks = fused._blocks
+    monkeypatch.setattr(fused, "_blocks", lambda *a: passes.append(a) or real_blocks(*a))
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 12, 8, generator=g, requires_grad=True)
+    weight = torch.randn(30, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 30, (2, 12), generator=g)
+    obj = get_objective("emo", cost_embedding=torch.randn(30, 4, generator=g))
+    out = chunked_objective_loss(obj, hidden, weight, labels, chunk_size=8)  # 3 chunks (+ a 1-row probe)
+    n_forward = len(passes)
+    out.loss.backward()
+    assert n_forward == 1 + 3 and len(passes) - n_forward == 3  # backward: one (gradient) pass per chunk
+
+
 # ---------------------------------------------------------------------- full == chunked
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("objective", available())

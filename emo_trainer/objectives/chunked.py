@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import IGNORE_INDEX, Objective, ObjectiveOutput, shift_labels
+from .fused import row_stats_cache
 
 DEFAULT_CHUNK_SIZE = 2048
 
@@ -54,7 +55,8 @@ class _ChunkedStats(torch.autograd.Function):
     Forward: each chunk's logits are computed, reduced to statistics and dropped; only
     ``hidden``, ``weight``, ``bias`` and ``targets`` are kept for backward (no N×V tensor).
     Backward: each chunk's logits are recomputed, the statistics' gradients are pushed through
-    ``token_stats`` (its own autograd or closed-form backward) into d logits, and then into
+    ``token_stats`` (its own autograd or closed-form backward; the fused statistics of
+    ``fused.py`` replay their forward-pass row vectors instead of recomputing them) into d logits, and then into
     ``hidden`` (d logits · W) and ``weight`` (Σ_chunks d logitsᵀ · h, accumulated in fp32).
     The matmuls run in the dtype the model's lm_head would use (autocast's under autocast),
     in both passes, so the recomputed logits are bit-identical to the forward ones.
@@ -65,19 +67,23 @@ class _ChunkedStats(torch.autograd.Function):
         mm_dtype = _matmul_dtype(hidden, weight)
         n = hidden.shape[0]
         outs = {name: hidden.new_empty((n, *shape), dtype=torch.float32) for name, shape in zip(names, shapes)}
+        row_stats = []  # per chunk: the fused statistics' row vectors, replayed in backward
         with torch.no_grad(), _no_autocast(hidden.device):
             w = weight.to(mm_dtype)
             b = None if bias is None else bias.to(mm_dtype)
             for start in range(0, n, chunk_size):
                 sl = slice(start, min(start + chunk_size, n))
                 logits = _stats_input(objective, F.linear(hidden[sl].to(mm_dtype), w, b))
-                stats = objective.token_stats(logits, targets[sl], {k: v[sl] for k, v in pos_extras.items()})
+                row_stats.append([])
+                with row_stats_cache(row_stats[-1]):
+                    stats = objective.token_stats(logits, targets[sl], {k: v[sl] for k, v in pos_extras.items()})
                 for name in names:
                     outs[name][sl] = stats[name]
                 del logits, stats
         ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets)
         ctx.has_bias, ctx.mm_dtype = bias is not None, mm_dtype
         ctx.objective, ctx.chunk_size, ctx.names, ctx.pos_extras = objective, chunk_size, names, pos_extras
+        ctx.row_stats = row_stats
         ctx.set_materialize_grads(False)
         return tuple(outs[name] for name in names)
 
@@ -104,7 +110,7 @@ class _ChunkedStats(torch.autograd.Function):
                 with torch.no_grad():
                     logits = _stats_input(ctx.objective, F.linear(h, w, b))
                 logits.requires_grad_(True)
-                with torch.enable_grad():
+                with torch.enable_grad(), row_stats_cache(ctx.row_stats[start // ctx.chunk_size], replay=True):
                     stats = ctx.objective.token_stats(
                         logits, targets[sl], {k: v[sl] for k, v in ctx.pos_extras.items()}
                     )

@@ -30,7 +30,8 @@ normalisation (and q_y for an all-zero row, which the cosine cost gives a self-c
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import threading
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -39,7 +40,34 @@ DEFAULT_BLOCK_ELEMENTS = 1 << 25
 #: ... and at least this many blocks, so temporaries stay a fraction of the N×V logits.
 MIN_BLOCKS = 8
 
-__all__ = ["DEFAULT_BLOCK_ELEMENTS", "self_costs", "softmax_stats"]
+__all__ = ["DEFAULT_BLOCK_ELEMENTS", "row_stats_cache", "self_costs", "softmax_stats"]
+
+
+class _RowStatsCache(threading.local):
+    mode: str | None = None  # None, "record" or "replay"
+    items: list | None = None
+    pos: int = 0
+
+
+_cache = _RowStatsCache()
+
+
+@contextmanager
+def row_stats_cache(items: list, replay: bool = False):
+    """Record (or replay) the per-row statistics of the :func:`softmax_stats` calls made inside.
+
+    The chunked loss path records them while computing a chunk in its forward pass and replays
+    them when it recomputes that chunk's logits in backward: the recompute then skips the
+    statistics' forward pass (max, exp, sum and, for EMO, the transport product) and goes
+    straight to the closed-form backward.  A call whose shape or kind does not match the next
+    recorded one is computed normally.  Thread-local (CUDA backward runs on its own thread).
+    """
+    prev = (_cache.mode, _cache.items, _cache.pos)
+    _cache.mode, _cache.items, _cache.pos = ("replay" if replay else "record"), items, 0
+    try:
+        yield
+    finally:
+        _cache.mode, _cache.items, _cache.pos = prev
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -76,6 +104,11 @@ class _SoftmaxStats(torch.autograd.Function):
         n, vocab = logits.shape
         ct = _compute_dtype(logits.dtype)
         want_demd = cost is not None
+        key = (n, vocab, logits.dtype, bool(want_entropy), want_demd)
+        if _cache.mode == "replay" and _cache.pos < len(_cache.items) and _cache.items[_cache.pos][0] == key:
+            lse, ce, entropy, demd_raw = (t.clone() for t in _cache.items[_cache.pos][1:])
+            _cache.pos += 1
+            return _SoftmaxStats._finish(ctx, logits, targets, cost, self_cost, block_elements, lse, ce, entropy, demd_raw)
         new = {"dtype": ct, "device": logits.device}
         lse, ce = torch.empty(n, **new), torch.empty(n, **new)
         entropy = torch.empty(n if want_entropy else 0, **new)
@@ -103,6 +136,12 @@ class _SoftmaxStats(torch.autograd.Function):
                 moved = (q.to(cost.dtype) @ cost).to(ct)  # Êᵀq' (b×d_c), in the cost's dtype
                 demd_raw[sl] = q.sum(-1) - (moved * e_y).sum(-1) + q_gold * self_cost[targets[sl]]
             del t, q
+        if _cache.mode == "record":
+            _cache.items.append((key, lse, ce, entropy, demd_raw))
+        return _SoftmaxStats._finish(ctx, logits, targets, cost, self_cost, block_elements, lse, ce, entropy, demd_raw)
+
+    @staticmethod
+    def _finish(ctx, logits, targets, cost, self_cost, block_elements, lse, ce, entropy, demd_raw):
         ctx.save_for_backward(logits, targets, lse, entropy, demd_raw)
         ctx.cost, ctx.self_cost, ctx.block_elements = cost, self_cost, block_elements
         ctx.set_materialize_grads(False)
