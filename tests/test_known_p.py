@@ -121,6 +121,19 @@ def test_contextual_metrics_agree_with_exact_for_a_bigram_model():
         assert mc[k] == pytest.approx(exact[k], rel=0.05)
 
 
+def test_mixce_fixed_point_hand_computed():
+    from emo_trainer.known_p.metrics import mixce_fixed_point
+
+    # p = [3/4, 1/4], η = ½:  q_k = ½ p_k / (Z − ½ p_k) with Σ q = 1
+    #   ⇒ 3/8 (Z − 1/8) + 1/8 (Z − 3/8) = (Z − 3/8)(Z − 1/8) ⇒ Z² − Z + 9/64 = 0 ⇒ Z = ½ + √7/8
+    #   ⇒ q = [3/(1 + √7), 1/(3 + √7)] ≈ [0.8229, 0.1771]: sharper than p.
+    q = mixce_fixed_point(np.array([0.75, 0.25, 0.0]), 0.5)
+    np.testing.assert_allclose(q, [3 / (1 + math.sqrt(7)), 1 / (3 + math.sqrt(7)), 0.0], atol=1e-12)
+    np.testing.assert_allclose(mixce_fixed_point(np.array([0.2, 0.8]), 1.0), [0.2, 0.8])  # η = 1: MLE, q = p
+    np.testing.assert_allclose(mixce_fixed_point(np.array([0.2, 0.8]), 0.0), [0.0, 1.0])  # η = 0: the mode
+    np.testing.assert_allclose(mixce_fixed_point(np.array([0.5, 0.5]), 0.3), [0.5, 0.5])  # symmetric rows stay
+
+
 # ---------------------------------------------------------------------- generator and dataset
 def test_generate_chain_law_and_seed():
     chain = generate_chain(20, seed=5, zero_fraction=0.5)
@@ -221,6 +234,27 @@ def test_mixce_eta0_is_much_worse_than_eta1(small_language):
     # η = 0 (reverse CE only, approximated) collapses rows onto their modes; η = 1 is MLE.
     # Measured: js0 ≈ 0.16, js1 ≈ 0.0006.
     assert js0 > 0.05 and js0 > 20 * js1, (js0, js1)
+
+
+@pytest.mark.skipif("mixce" not in available(), reason="MixCE not registered")
+def test_mixce_converges_to_its_own_fixed_point_not_to_p(small_language):
+    """MixCE(η < 1) with the token-wise approximation has a sharpened P as optimum (mixce_fixed_point).
+
+    Measured at η = 0.3: JS(Q, fixed point) ≈ 0.0007 (as small as MLE's distance to P) while
+    JS(Q, P) ≈ 0.0075.  A MixCE whose weight is wrong (not stop-gradient, 1 − q instead of q...)
+    lands elsewhere.
+    """
+    from emo_trainer.known_p.metrics import mixce_fixed_point, restrict_to_language
+
+    chain, seqs = small_language
+    model = make_model("bigram", chain, _LEN, seed=0)
+    train_loop(model, get_objective("mixce", eta=0.3), chain, seqs, steps=_STEPS, batch_size=64, lr=0.1, seed=0)
+    rows = chain.row_ids[chain.visit_counts(_LEN)[chain.row_ids] > 0]
+    p = chain.next_token_table()[rows]
+    q = restrict_to_language(context_free_table(model, chain), chain)[rows]
+    to_fixed = row_divergences(mixce_fixed_point(p, 0.3), q)["js"].mean()
+    to_p = row_divergences(p, q)["js"].mean()
+    assert to_fixed < MLE_JS_TOLERANCE and to_fixed < to_p / 4, (to_fixed, to_p)
 
 
 # ---------------------------------------------------------------------- lab plumbing

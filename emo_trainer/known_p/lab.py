@@ -36,7 +36,7 @@ import torch
 
 from ..objectives import available, get_objective, objective_options
 from .markov import generate_chain, load_chain, load_sequences, make_tokenizer, write_dataset
-from .metrics import METRIC_NAMES, evaluate_model, exact_metrics
+from .metrics import METRIC_NAMES, evaluate_model, exact_metrics, mixce_fixed_point_metrics
 from .training import make_model, train_loop, train_with_trainer
 
 __all__ = [
@@ -350,8 +350,20 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Mean and std over seeds per (family, vocab, label), in the order rows first appear.
 
-    Also the paired difference of JS to MLE on the same language (mean ± std over seeds).
+    Also the paired difference of JS to MLE on the same language (mean ± std over seeds), and
+    for MixCE rows ``theory_js``: the JS to P of MixCE(η)'s own optimum
+    (:func:`~emo_trainer.known_p.metrics.mixce_fixed_point`) on the same languages, rebuilt
+    from the config's generation settings.
     """
+    cfg = results["config"]
+    chains: dict[tuple[int, int], Any] = {}
+
+    def theory_js(vocab: int, seed: int, eta: float) -> float:
+        if (vocab, seed) not in chains:
+            chains[(vocab, seed)] = generate_chain(vocab, seed=seed, alpha=cfg["alpha"],
+                                                   zero_fraction=cfg["zero_fraction"], eos_prob=cfg["eos_prob"])
+        return mixce_fixed_point_metrics(chains[(vocab, seed)], eta, cfg["max_length"])["js"]
+
     groups: dict[tuple, list[dict]] = {}
     for rec in results["runs"]:
         groups.setdefault((rec["family"], rec["vocab_size"], rec["label"]), []).append(rec)
@@ -368,6 +380,9 @@ def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
         diffs = np.array([r["metrics"]["js"] - mle_js[(family, vocab, r["seed"])] for r in ok
                           if (family, vocab, r["seed"]) in mle_js], dtype=float)
         row["js_minus_mle"] = _mean_std(diffs)
+        eta = (row["options"] or {}).get("eta") if row["objective"] == "mixce" else (1.0 if row["objective"] == "mle" else None)
+        row["theory_js"] = _mean_std(np.array([theory_js(vocab, r["seed"], eta) for r in ok])) if eta is not None \
+            else (math.nan, math.nan)
         row["seconds"] = float(np.mean([r["seconds"] for r in recs])) if recs else 0.0
         row["errors"] = sorted({r["error"] for r in recs if r.get("error")})
         rows.append(row)
@@ -386,7 +401,7 @@ def _fmt(ms: tuple[float, float], scale: float = 1.0, digits: int = 2) -> str:
         return "–"
     if math.isinf(mean):
         return "∞"
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+    return f"{round(mean * scale, digits) + 0.0:.{digits}f} ± {std * scale:.{digits}f}"  # + 0.0: no "-0.00"
 
 
 def results_markdown(results: dict[str, Any]) -> str:
@@ -403,6 +418,8 @@ def results_markdown(results: dict[str, Any]) -> str:
         ("Mean ± std over seeds (each seed a new language and a new initialisation). JS, JS−MLE (paired, same "
         "language) and forward/reverse KL in 10⁻³ nats; mass on impossible transitions in %. "
         "RKLε = reverse KL with P clipped at 1e-6 (exact reverse KL is infinite for any softmax model). "
+        "JS of the objective's optimum: where MixCE(η) drives a free row (a sharpened P, see "
+        "metrics.mixce_fixed_point), i.e. the floor of its JS with unlimited data and training. "
         "bigram: exact over all rows; gpt2: on held-out sequences of the true chain."),
         "",
     ]
@@ -414,13 +431,14 @@ def results_markdown(results: dict[str, Any]) -> str:
             if not sub:
                 continue
             lines += [f"### V = {vocab}", "",
-                      ("| objective | JS (10⁻³) | JS − MLE (10⁻³) | FKL (10⁻³) | RKLε (10⁻³) | RKL on support (10⁻³) "
-                      "| impossible mass (%) | runs | s/run |"),
-                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                      ("| objective | JS (10⁻³) | JS − MLE (10⁻³) | JS of the objective's optimum (10⁻³) | FKL (10⁻³) "
+                       "| RKLε (10⁻³) | RKL on support (10⁻³) | impossible mass (%) | runs | s/run |"),
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for r in sub:
                 runs = f"{r['n']} ({r['failed']} failed)" if r["failed"] else str(r["n"])
                 lines.append(
-                    f"| {r['label']} | {_fmt(r['js'], 1e3)} | {_fmt(r['js_minus_mle'], 1e3)} | {_fmt(r['fkl'], 1e3)} "
+                    f"| {r['label']} | {_fmt(r['js'], 1e3)} | {_fmt(r['js_minus_mle'], 1e3)} "
+                    f"| {_fmt(r['theory_js'], 1e3)} | {_fmt(r['fkl'], 1e3)} "
                     f"| {_fmt(r['rkl'], 1e3)} | {_fmt(r['rkl_support'], 1e3)} | {_fmt(r['impossible_mass'], 100)} "
                     f"| {runs} | {r['seconds']:.1f} |"
                 )

@@ -61,6 +61,8 @@ __all__ = [
     "contextual_metrics",
     "evaluate_model",
     "exact_metrics",
+    "mixce_fixed_point",
+    "mixce_fixed_point_metrics",
     "model_position_distributions",
     "restrict_to_language",
     "row_divergences",
@@ -221,3 +223,54 @@ def evaluate_model(
         return contextual_metrics(chain, contexts, q)
     finally:
         model.train(was_training)
+
+
+# ---------------------------------------------------------------------- theory
+def mixce_fixed_point(p: np.ndarray, eta: float, iters: int = 200) -> np.ndarray:
+    """Where the project's (approximated) MixCE(η) drives a free distribution q, given data rows ``p``.
+
+    The per-token loss is [η + (1−η)·sg(q_y)]·(−log q_y).  For a row whose logits are free (a
+    full-rank bigram), the expected gradient w.r.t. logit k under y ~ p is
+    Σ_y p_y w_y (q_k − [y = k]) with w_y = η + (1−η) q_y, so a stationary point satisfies
+
+        q_k · Z = p_k · (η + (1−η) q_k),   Z = Σ_y p_y w_y
+        ⇒  q_k = η p_k / (Z − (1−η) p_k)   on supp(p),  0 elsewhere,
+
+    with Z the unique root of Σ_k q_k = 1 on Z > (1−η)·max p (the sum decreases from +∞ to 0
+    there); found by bisection.  η = 1 gives q = p (MLE); η < 1 sharpens p (the ratio q_k/p_k
+    grows with q_k); η = 0 is the limit q = one-hot on argmax p, since the loss is then
+    −Σ_y p_y q_y.  So for η < 1 the objective's optimum is *not* P, and the JS between this fixed
+    point and P is a floor that more data or training cannot remove.  ``p`` is ``(K,)`` or ``(n, K)``.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    if p.ndim == 2:
+        return np.stack([mixce_fixed_point(row, eta, iters) for row in p])
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    q = np.zeros_like(p)
+    if eta == 0.0:
+        q[np.argmax(p)] = 1.0
+        return q
+    if eta == 1.0:
+        return p / p.sum()
+    s = p > 0
+    ps = p[s]
+    lo = (1.0 - eta) * ps.max()
+    hi = lo + eta * len(ps) + 1.0  # there every term is < η p_k / (η·n) ≤ 1/n: the sum is < 1
+    for _ in range(iters):
+        z = 0.5 * (lo + hi)
+        if (eta * ps / (z - (1.0 - eta) * ps)).sum() > 1.0:
+            lo = z
+        else:
+            hi = z
+    q[s] = eta * ps / (hi - (1.0 - eta) * ps)
+    return q / q.sum()
+
+
+def mixce_fixed_point_metrics(chain: MarkovChain, eta: float, max_length: int) -> dict[str, float]:
+    """:func:`exact_metrics` of the MixCE(η) fixed point of every row of the true chain."""
+    table = chain.next_token_table()
+    rows = chain.row_ids
+    fixed = np.zeros_like(table)
+    fixed[rows] = mixce_fixed_point(table[rows], eta)
+    return exact_metrics(chain, fixed, max_length)
