@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .objectives import Objective, chunked_objective_loss, get_objective, shift_labels
+from .objectives import Objective, ObjectiveError, chunked_objective_loss, get_objective, shift_labels
 from .objectives.base import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,12 @@ class ObjectiveTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self.objective.average_tokens_across_devices = bool(self.args.average_tokens_across_devices)
         self.objective.model_is_fresh = model_is_fresh
-        self.objective.setup(self._unwrapped(self.model), self.processing_class)
+        try:
+            self.objective.setup(self._unwrapped(self.model), self.processing_class)
+        except ObjectiveError:
+            raise
+        except ValueError as e:  # e.g. an EMO cost embedding of the wrong vocabulary size: a user error
+            raise ObjectiveError(str(e)) from e
         self.add_callback(_ObjectiveHooks(self))
 
     # ------------------------------------------------------------------ helpers
@@ -171,7 +176,12 @@ class ObjectiveTrainer(Trainer):
             reason = f"the output head is a {type(head).__name__}, not a plain Linear"
         elif any(getattr(m.config, a, None) not in (None, 1.0) for a in _POST_HEAD_ATTRS):
             reason = "the model transforms logits after its head (soft-capping/scaling)"
-        elif hasattr(head.weight, "_local_tensor") or getattr(head.weight, "ds_numel", None) is not None or head.weight.numel() == 0:
+        elif (
+            getattr(self, "is_fsdp_enabled", False)  # decided the same on every rank, FSDP1 or 2
+            or hasattr(head.weight, "_local_tensor")  # DTensor (FSDP2 / tensor parallel)
+            or getattr(head.weight, "ds_numel", None) is not None  # DeepSpeed ZeRO-3
+            or head.weight.numel() == 0
+        ):
             reason = "the head weight is sharded (FSDP/DeepSpeed ZeRO-3)"
         if reason:
             if not getattr(self, "_warned_chunk_fallback", False):
@@ -248,8 +258,8 @@ class ObjectiveTrainer(Trainer):
                 json.dump({"global_step": self.state.global_step, "objective": self.objective.name}, fh)
         if self.args.world_size > 1:
             self.accelerator.wait_for_everyone()
-        if limit is not None and hasattr(self, "_rotate_checkpoints"):
-            self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
+        if limit is not None and self.args.should_save:
+            _rotate(self, run_dir, limit)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """``Trainer.train`` that also restores the objective's state from the checkpoint.
@@ -283,6 +293,21 @@ class _ObjectiveHooks(TrainerCallback):
 
 
 # --------------------------------------------------------------------------- helpers
+def _rotate(trainer: Trainer, run_dir: str, limit: int) -> None:
+    """Keep the newest ``limit`` checkpoints (by step; the best one is kept too).
+
+    Recent transformers (5.23 here) have the function ``trainer_utils.rotate_checkpoints``; older ones
+    the method ``Trainer._rotate_checkpoints``.
+    """
+    try:
+        from transformers.trainer_utils import rotate_checkpoints
+    except ImportError:
+        trainer._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
+        return
+    rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                       best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=False)
+
+
 @contextmanager
 def _hidden_states_as_logits(model: torch.nn.Module):
     """Make the model return its final hidden states in ``.logits`` (the head becomes identity).
