@@ -55,6 +55,11 @@ def build_trainer(cfg: ExperimentConfig, callbacks=None):
             (out / "calibration_set.txt").write_text("\n".join(sents) + "\n", encoding="utf-8")
     tok_dir = Path(args.output_dir) / "tokenizer" if cfg.model.train_tokenizer_vocab_size else None
     tokenizer = load_tokenizer(cfg.model, train_texts=raw["train"][col], save_dir=tok_dir)
+    # Seed before the model exists (as run_clm does): a fresh model's random init is then the same
+    # in every process and for every objective; the Trainer seeds again for training.
+    from transformers import set_seed
+
+    set_seed(args.seed)
     model, is_fresh = load_model(cfg.model, tokenizer)
     objective = build_objective(cfg.objective)
     prepare = getattr(objective, "prepare_model", None)
@@ -93,8 +98,40 @@ def _maybe_add_generation_eval(trainer, cfg: ExperimentConfig, eval_texts, token
         trainer.add_callback(cb)
 
 
+def resolve_resume(cfg: ExperimentConfig, resume_from_checkpoint):
+    """``--resume_from_checkpoint``: None, or the checkpoint directory to resume from.
+
+    ``true``/``last`` = the last *complete* checkpoint (with its ``checkpoint_complete.json``) in
+    ``training.output_dir``.  Checked before any data or model is loaded: a wrong path fails in
+    a second, not after the tokenisation.
+    """
+    from .trainer import COMPLETE_MARKER, last_complete_checkpoint
+
+    if resume_from_checkpoint is None or str(resume_from_checkpoint).lower() in ("false", "none", ""):
+        return None
+    output_dir = cfg.training.get("output_dir") or "trainer_output"
+    if str(resume_from_checkpoint).lower() in ("true", "last"):
+        found = last_complete_checkpoint(output_dir)
+        if found is None:
+            raise ConfigError(
+                f"--resume_from_checkpoint true: no complete checkpoint in {output_dir} (nothing to resume); "
+                f"start without --resume_from_checkpoint or point it at a checkpoint-N folder"
+            )
+        return found
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        raise ConfigError(f"--resume_from_checkpoint: {path} is not a directory (expected .../checkpoint-N)")
+    if not (path / COMPLETE_MARKER).exists():
+        raise ConfigError(
+            f"--resume_from_checkpoint: {path} is incomplete (no {COMPLETE_MARKER}: the run died while writing it); "
+            f"use an earlier checkpoint, or --resume_from_checkpoint true for the last complete one"
+        )
+    return str(path)
+
+
 def run(cfg: ExperimentConfig, resume_from_checkpoint=None) -> dict:
     """Train and evaluate ``cfg``; returns the final metrics."""
+    resume_from_checkpoint = resolve_resume(cfg, resume_from_checkpoint)
     trainer, _ = build_trainer(cfg)
     args = trainer.args
     out = Path(args.output_dir)
@@ -102,8 +139,6 @@ def run(cfg: ExperimentConfig, resume_from_checkpoint=None) -> dict:
         cfg.save(out / CONFIG_FILENAME)
         print(f"[emo-trainer] run directory: {out.resolve()}  (config: {CONFIG_FILENAME}, "
               f"logs: checkpoint-*/trainer_state.json, final metrics: final_metrics.json)", flush=True)
-    if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "last"):
-        resume_from_checkpoint = True
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     metrics = dict(result.metrics)
     last_eval = [h for h in trainer.state.log_history if "eval_loss" in h]
@@ -127,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     known, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .data import DataError
+    from .metrics.mauve import MauveSampleError
     from .objectives import ObjectiveError
+    from .trainer import NonFiniteLossError
 
     try:
         if not known.config and not rest:
@@ -139,12 +176,19 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
         run(cfg, resume_from_checkpoint=known.resume_from_checkpoint)
-    except (ConfigError, DataError, ObjectiveError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, ObjectiveError, MauveSampleError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:  # not a config error: the run diverged (exit 1, checkpoints kept)
+        print(f"\nerror: {_one_line(e)}", file=sys.stderr)  # newline: a progress bar may be mid-line
+        return 1
     except ValueError as e:
         if "resume_from_checkpoint" in str(e) or "vocabulary" in str(e) or "cost embedding" in str(e):
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {_one_line(e)}", file=sys.stderr)
             return 2
         raise
     return 0
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
