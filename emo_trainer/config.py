@@ -461,6 +461,10 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"malformed YAML in {path}{where}: {getattr(e, 'problem', e)}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(
+            f"the config must be a mapping with sections {', '.join(SECTIONS)}; {path} holds a {type(raw).__name__}"
+        )
     return raw or {}
 
 

@@ -43,7 +43,7 @@ def _file_format(files: list[str], key: str) -> str:
         if ext not in _FORMATS:
             raise DataError(f"data.{key}: unsupported file type '{ext}' ({f}); use .txt, .jsonl, .json, .parquet or .csv")
         fmts.add(_FORMATS[ext])
-        if _FORMATS[ext] == "text":
+        if _FORMATS[ext] in ("text", "json", "csv"):  # parquet stores its own (valid) strings
             _check_utf8(p, key)
     if len(fmts) > 1:
         raise DataError(f"data.{key}: mixed file types {sorted(fmts)}; use one format per split")
