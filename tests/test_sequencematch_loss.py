@@ -267,6 +267,8 @@ def test_policy_stats_match_plain_autograd_and_gradcheck():
     n, vocab, bk = 7, 11, 10
     logits = torch.randn(n, vocab, generator=g, dtype=torch.float64)
     logits[0, bk] = 40.0  # <bkspc> dominates a row where it is masked: V must ignore it stably
+    logits[1, bk] = 30.0  # ... and a row where it is allowed
+    logits[3, bk] = 2.5  # a masked <bkspc> with a sizeable share (p < 1/2)
     targets = torch.randint(0, bk, (n,), generator=g)
     actions = torch.tensor([[1, -1], [bk, 3], [4, 4], [-1, -1], [2, bk], [0, 5], [9, -1]])
     allowed = torch.tensor([False, True, True, False, True, False, True])

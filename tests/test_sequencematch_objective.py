@@ -180,6 +180,11 @@ def test_state_dict_round_trip_reproduces_the_next_batch():
     mi1, li1 = obj.split_batch(model, batch(seed=9))
     mi2, li2 = twin.split_batch(model, batch(seed=9))
     assert torch.equal(mi1["input_ids"], mi2["input_ids"]) and torch.equal(li1["sm_age"], li2["sm_age"])
+    # ... including the next refill's samples (the sampling RNG is part of the state).
+    for o in (obj, twin):
+        o.on_step_begin(model, 3)
+        o.split_batch(model, batch(seed=10))
+    assert [t.actions for t in twin.buffer.items()] == [t.actions for t in obj.buffer.items()]
 
 
 # ---------------------------------------------------------------------------- options

@@ -178,6 +178,7 @@ class SequenceMatchObjective(Objective):
         self._refill_due = False
         self._gen: torch.Generator | None = None  # CPU: augmentation and replay draws
         self._sample_gen: torch.Generator | None = None  # model device: sampling
+        self._pending_sample_state: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ options / state
     def options(self) -> dict[str, Any]:
@@ -199,6 +200,8 @@ class SequenceMatchObjective(Objective):
         state: dict[str, Any] = {"step": self._step, "refill_due": self._refill_due, "buffer": self.buffer.state_dict()}
         if self._gen is not None:
             state["rng_cpu"] = self._gen.get_state()
+        if self._sample_gen is not None:
+            state["rng_sample"] = self._sample_gen.get_state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -208,6 +211,8 @@ class SequenceMatchObjective(Objective):
             self.buffer.load_state_dict(state["buffer"])
         if "rng_cpu" in state:
             self._generator().set_state(state["rng_cpu"])
+        # The sampling generator lives on the model's device, unknown here: applied when created.
+        self._pending_sample_state = state.get("rng_sample")
 
     # ------------------------------------------------------------------ hooks
     #: The evaluation sampler for models trained with this objective (the ``Sampler`` protocol of
@@ -275,6 +280,9 @@ class SequenceMatchObjective(Objective):
     def _sampling_generator(self, device: torch.device) -> torch.Generator:
         if self._sample_gen is None or self._sample_gen.device != device:
             self._sample_gen = torch.Generator(device=device).manual_seed(self.seed + 1000 * _rank() + 1)
+            if self._pending_sample_state is not None:
+                self._sample_gen.set_state(self._pending_sample_state.cpu())
+                self._pending_sample_state = None
         return self._sample_gen
 
     def _ensure_setup(self, model: torch.nn.Module) -> None:
@@ -405,23 +413,33 @@ class SequenceMatchObjective(Objective):
 
 
 class _PolicyStats(torch.autograd.Function):
-    """(CE, V, Q) of each row of ``logits`` in one pass; see :func:`policy_stats`."""
+    """(CE, V, Q) of each row of ``logits``; see :func:`policy_stats`.
+
+    One exp pass over the logits in forward and one in backward, like a fused CE:
+    V without ``<bkspc>`` is lse + log1p(−p_bk), and its
+    gradient is softmax·1/(1 − p_bk) off the ``<bkspc>`` column.  Both lose precision only when
+    a *masked* ``<bkspc>`` holds most of the mass (p_bk > ½); those rare rows are recomputed
+    exactly (logits without the column).
+    """
 
     @staticmethod
     def forward(ctx, logits, targets, actions, bk_allowed, bk, block_rows):
         n = logits.shape[0]
-        ce, v = logits.new_empty(n), logits.new_empty(n)
-        lse_all = logits.new_empty(n)
+        lse_all, v = logits.new_empty(n), logits.new_empty(n)
         for start in range(0, n, block_rows):
             sl = slice(start, min(start + block_rows, n))
             z = logits[sl]
-            without = z.clone()
-            without[:, bk] = float("-inf")
-            lse_wo = torch.logsumexp(without, -1)
-            del without
-            lse_all[sl] = torch.logaddexp(lse_wo, z[:, bk])
-            v[sl] = torch.where(bk_allowed[sl], lse_all[sl], lse_wo)
-            ce[sl] = lse_all[sl] - z.gather(1, targets[sl, None]).squeeze(1)
+            lse = torch.logsumexp(z, -1)
+            p_bk = torch.exp(z[:, bk] - lse)
+            lse_wo = lse + torch.log1p(-p_bk.clamp_max(0.5))
+            hard = ~bk_allowed[sl] & (p_bk > 0.5)
+            if bool(hard.any()):
+                rows = z[hard].clone()
+                rows[:, bk] = float("-inf")
+                lse_wo[hard] = torch.logsumexp(rows, -1)
+            lse_all[sl] = lse
+            v[sl] = torch.where(bk_allowed[sl], lse, lse_wo)
+        ce = lse_all - logits.gather(1, targets[:, None]).squeeze(1)
         q = torch.where(actions >= 0, logits.gather(1, actions.clamp_min(0)), torch.zeros((), dtype=logits.dtype))
         ctx.save_for_backward(logits, targets, actions, bk_allowed, lse_all, v)
         ctx.bk, ctx.block_rows = bk, block_rows
@@ -431,18 +449,29 @@ class _PolicyStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_ce, g_v, g_q):
         logits, targets, actions, bk_allowed, lse_all, v = ctx.saved_tensors
-        grad = torch.zeros_like(logits)
         n, bk = logits.shape[0], ctx.bk
+        zeros = torch.zeros(n, dtype=logits.dtype, device=logits.device)
+        g_ce = zeros if g_ce is None else g_ce
+        g_v = zeros if g_v is None else g_v
+        grad = torch.empty_like(logits)
         for start in range(0, n, ctx.block_rows):
             sl = slice(start, min(start + ctx.block_rows, n))
             z, g = logits[sl], grad[sl]
-            if g_ce is not None:  # ∂CE/∂z = softmax(z) − onehot(y)
-                g.add_(torch.exp(z - lse_all[sl, None]) * g_ce[sl, None])
-                g.scatter_add_(1, targets[sl, None], -g_ce[sl, None])
-            if g_v is not None:  # ∂V/∂z = policy over the allowed actions (no <bkspc> column where masked)
-                p = torch.exp(z - v[sl, None])
-                p[:, bk] = torch.where(bk_allowed[sl], p[:, bk], torch.zeros_like(p[:, bk]))
-                g.add_(p * g_v[sl, None])
+            # ∂CE/∂z = softmax − onehot(y); ∂V/∂z = the policy over the allowed actions
+            # = softmax·exp(lse − V) off the <bkspc> column, and 0 on it where it is masked.
+            allowed, gce, gv = bk_allowed[sl], g_ce[sl], g_v[sl]
+            coef = gce + gv * torch.exp(lse_all[sl] - v[sl])
+            torch.exp(z - lse_all[sl, None], out=g)
+            p_bk = g[:, bk].clone()
+            g.mul_(coef[:, None])
+            g[:, bk] = p_bk * (gce + torch.where(allowed, gv, torch.zeros_like(gv)))
+            hard = ~allowed & (p_bk > 0.5)
+            if bool(hard.any()):  # masked <bkspc> holds most of the mass: the policy exactly
+                zh = z[hard]
+                pv = torch.exp(zh - v[sl][hard, None])
+                pv[:, bk] = 0.0
+                g[hard] = torch.exp(zh - lse_all[sl][hard, None]) * gce[hard, None] + pv * gv[hard, None]
+            g.scatter_add_(1, targets[sl, None], -gce[:, None])
             if g_q is not None:  # ∂Q/∂z = onehot(a), several actions per row
                 a = actions[sl]
                 g.scatter_add_(1, a.clamp_min(0), torch.where(a >= 0, g_q[sl], torch.zeros_like(g_q[sl])))
@@ -458,8 +487,9 @@ def policy_stats(
     padding of ``actions``) of (n, V) logits.
 
     A custom autograd Function: autograd keeps only the logits (no N×V softmax or one-hot
-    copies); forward and backward work on blocks of rows (``block_elements`` per temporary)
-    with the closed-form gradients softmax − onehot, the masked policy, and onehot(actions).
+    copies); forward and backward each make one exp pass over blocks of rows
+    (``block_elements`` per temporary) with the closed-form gradients softmax − onehot, the
+    masked policy, and onehot(actions).
     """
     rows = max(1, block_elements // max(logits.shape[1], 1))
     return _PolicyStats.apply(logits, targets, actions, bk_allowed, int(backspace_id), rows)
