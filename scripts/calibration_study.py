@@ -89,6 +89,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="models calibrated/evaluated at the same time")
     p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: torch's)")
     p.add_argument("--docs-dir", default=None, help="also copy results.json/.md/.png here (e.g. docs/results)")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rebuild results.json/.md/.png from the models already evaluated")
     return p
 
 
@@ -412,7 +414,10 @@ def write_outputs(args, out: Path, results: dict) -> None:
     if results["checkpoints"]:
         plot(results, out / "results.png")
     plot_training(out, [o for o in args.objectives if o != "none"], out / "train_loss.png")
-    subprocess.run([sys.executable, str(REPO / "scripts/compare.py"), str(out / "results.json"),
+    # scripts/compare.py reads the scripts/evaluate.py layout, where the human values are ``ref_*`` keys.
+    compat = {**results, "reference": {f"ref_{k}": v for k, v in results["reference"].items()}}
+    (out / "compare_input.json").write_text(json.dumps(compat))
+    subprocess.run([sys.executable, str(REPO / "scripts/compare.py"), str(out / "compare_input.json"),
                     "--output-dir", str(out)], check=False, stdout=subprocess.DEVNULL)
     if args.docs_dir:
         import shutil
@@ -428,6 +433,12 @@ def write_outputs(args, out: Path, results: dict) -> None:
                 shutil.copy(out / name, docs / name)
 
 
+def sizing_of(args, num_sentences: int) -> dict:
+    return {"calibration_sentences": num_sentences, "learning_rate": args.learning_rate,
+            "block_size": args.block_size, "batch_size": args.batch_size, "seed": args.seed,
+            "ppl_blocks": args.ppl_blocks, "overrides": args.set, "command": " ".join(sys.argv)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -438,14 +449,18 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    if args.report_only:
+        sents = (out / "calibration_set.txt").read_text(encoding="utf-8").splitlines()
+        results = collect(args, out, sizing_of(args, len(sents)))
+        write_outputs(args, out, results)
+        print(markdown(results))
+        return 0
     sents = build_calibration_set(args, out)
     logger.info("calibration set: %d sentences in %s", len(sents), out / "calibration_set.txt")
     prompts = prompts_of(args)
     reference_features(args, out, prompts)
     logger.info("reference features of %d prompts cached in %s", len(prompts), out / "reference_features.npy")
-    sizing = {"calibration_sentences": len(sents), "learning_rate": args.learning_rate,
-              "block_size": args.block_size, "batch_size": args.batch_size, "seed": args.seed,
-              "ppl_blocks": args.ppl_blocks, "overrides": args.set, "command": " ".join(sys.argv)}
+    sizing = sizing_of(args, len(sents))
     failed = {}
     if args.jobs > 1:
         with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
