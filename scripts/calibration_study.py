@@ -339,13 +339,14 @@ def plot(results: dict, path: Path) -> None:
 
     names = list(results["checkpoints"])
     panels = [("perplexity", "test perplexity (log)"), ("mauve", "MAUVE (± std, 3 seeds)"),
-              ("diversity", "diversity (human dashed)"), ("seq_rep_4", "seq-rep-4 (human dashed)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), constrained_layout=True)
+              ("diversity", "diversity (human dashed)"), ("rep_2", "rep-2 (human dashed)"),
+              ("seq_rep_4", "seq-rep-4 (human dashed)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.8), constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, title) in zip(axes, panels):
         vals = [results["checkpoints"][n].get(key) for n in names]
         errs = [results["checkpoints"][n].get(f"{key}_std", 0.0) for n in names]
-        ax.bar(range(len(names)), [v if v is not None else 0 for v in vals], yerr=errs, capsize=3,
+        ax.bar(range(len(names)), [v if v is not None else 0 for v in vals], yerr=errs if any(errs) else None, capsize=3,
                color=[colors[i % len(colors)] for i in range(len(names))])
         if key in results["reference"]:
             ax.axhline(results["reference"][key], color="black", linestyle="--", linewidth=1)
