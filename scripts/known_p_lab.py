@@ -11,7 +11,7 @@ Writes to ``--output-dir``: ``results.json`` (every run), ``results.md`` (mean Â
 ``known_p.png`` (JS against MixCE Î·), ``data/V{V}-s{seed}/`` (the datasets).
 
     python scripts/known_p_lab.py --output-dir runs/known_p            # CPU grid, ~10 min on 2 cores
-    python scripts/known_p_lab.py --output-dir runs/known_p_full --full  # paper scale (hours on CPU)
+    python scripts/known_p_lab.py --output-dir runs/known_p_full --full  # paper scale (sized for a GPU)
     python scripts/known_p_lab.py --families bigram --vocab-sizes 20 --seeds 0 --objectives mle mixce
     python scripts/known_p_lab.py --families bigram --output-dir runs/kp_b &  # one process per family ...
     python scripts/known_p_lab.py --families gpt2 --output-dir runs/kp_g; wait
@@ -35,7 +35,7 @@ import torch
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="runs/known_p", help="where results, plot and datasets go")
-    p.add_argument("--full", action="store_true", help="paper-scale grid (V up to 1000, 50k sequences); hours on CPU")
+    p.add_argument("--full", action="store_true", help="paper-scale grid (V up to 1000, 50k sequences); sized for a GPU")
     p.add_argument("--families", nargs="+", choices=("bigram", "gpt2"), help="model families (default: both)")
     p.add_argument("--vocab-sizes", nargs="+", type=int, help="vocabulary sizes for every selected family")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (each: a new language and a new initialisation)")

@@ -478,6 +478,10 @@ def plot_results(results: dict[str, Any], path: str | Path) -> None:
             ax.errorbar(xs, [r["js"][0] for _, r in mix], yerr=[r["js"][1] for _, r in mix], marker="o",
                         color="black", capsize=3, label="MixCE (η=1 is MLE)")
             ax.set_xticks(xs, [f"{eta:g}" for eta, _ in mix])
+            mle = [r for r in sub if r["objective"] == "mle"]
+            if mle:  # prediction: MLE's (finite-training) error + the JS of MixCE(η)'s own optimum
+                ax.plot(xs, [mle[0]["js"][0] + r["theory_js"][0] for _, r in mix], linestyle=":", marker="x",
+                        color="gray", label="MLE + JS of the η optimum (theory)")
         for r in sub:
             if r["objective"] in ("mixce", "mle"):
                 continue
