@@ -15,7 +15,7 @@ pass keeps only the logits it was given (the tensor the model already returned, 
 own dtype) and a few length-n vectors; the backward pass recomputes q = exp(z − lse) and
 writes the gradient straight into one tensor of the logits' dtype, using the closed forms
 above.  Both passes work on blocks of rows so their fp32 temporaries stay bounded
-(``block_elements``, and at most 1/``MIN_BLOCKS`` of the logits), whatever n is.  The math
+(``block_elements``, and about 1/``MIN_BLOCKS`` of large logits), whatever n is.  The math
 runs in fp32 (float64 for float64 logits).
 
 EMO's D is computed without cancellation: with q' = q with its gold entry set to 0,
@@ -37,8 +37,10 @@ import torch
 
 #: fp32 elements of one block of rows (so a temporary is at most 128 MiB).
 DEFAULT_BLOCK_ELEMENTS = 1 << 25
-#: ... and at least this many blocks, so temporaries stay a fraction of the N×V logits.
+#: ... and at least this many blocks, so temporaries stay a fraction of the N×V logits ...
 MIN_BLOCKS = 8
+#: ... but no block below this many elements (small blocks only add per-op overhead).
+MIN_BLOCK_ELEMENTS = 1 << 20
 
 __all__ = ["DEFAULT_BLOCK_ELEMENTS", "row_stats_cache", "self_costs", "softmax_stats"]
 
@@ -75,7 +77,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _blocks(n: int, vocab: int, block_elements: int):
-    rows = max(1, min(block_elements // max(vocab, 1), -(-n // MIN_BLOCKS)))
+    vocab = max(vocab, 1)
+    rows = max(1, min(block_elements // vocab, max(-(-n // MIN_BLOCKS), MIN_BLOCK_ELEMENTS // vocab)))
     for start in range(0, n, rows):
         yield slice(start, min(start + rows, n))
 
@@ -239,7 +242,7 @@ def softmax_stats(
         self_cost: (V,) 1 − ê_v·ê_v (:func:`self_costs`: ≈ 0 for a normalised row, 1 for an
             all-zero row); computed from ``cost`` when omitted.
         block_elements: rows are processed in blocks of at most this many elements (and in at
-            least ``MIN_BLOCKS`` blocks).
+            least ``MIN_BLOCKS`` blocks when the logits are larger than ``MIN_BLOCK_ELEMENTS`` of them).
     """
     if logits.dim() != 2:
         raise ValueError(f"softmax_stats expects (n, V) logits, got shape {tuple(logits.shape)}")
