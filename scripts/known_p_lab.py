@@ -10,7 +10,7 @@ JS divergence, forward/reverse KL per token, mass on impossible transitions.
 Writes to ``--output-dir``: ``results.json`` (every run), ``results.md`` (mean ± std tables),
 ``known_p.png`` (JS against MixCE η), ``data/V{V}-s{seed}/`` (the datasets).
 
-    python scripts/known_p_lab.py --output-dir runs/known_p            # CPU grid, ~10 min on 2 cores
+    python scripts/known_p_lab.py --output-dir runs/known_p            # CPU grid: ~13 CPU-minutes
     python scripts/known_p_lab.py --output-dir runs/known_p_full --full  # paper scale (sized for a GPU)
     python scripts/known_p_lab.py --families bigram --vocab-sizes 20 --seeds 0 --objectives mle mixce
     python scripts/known_p_lab.py --families bigram --output-dir runs/kp_b &  # one process per family ...

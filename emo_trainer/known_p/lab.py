@@ -143,7 +143,7 @@ class LabConfig:
 
     @classmethod
     def default(cls) -> LabConfig:
-        """The CPU-sized grid (about 10 minutes on 2 cores)."""
+        """The CPU-sized grid: about 13 CPU-minutes (7 on 2 idle cores, one process per family)."""
         return cls(families={
             "bigram": FamilySettings(vocab_sizes=(20, 100), steps=400, batch_size=64, lr=0.1),
             "gpt2": FamilySettings(vocab_sizes=(20,), steps=300, batch_size=32, lr=3e-3, warmup_steps=20),
