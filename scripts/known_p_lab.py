@@ -17,7 +17,7 @@ Writes to ``--output-dir``: ``results.json`` (every run), ``results.md`` (mean Â
     python scripts/known_p_lab.py --families gpt2 --output-dir runs/kp_g; wait
     python scripts/known_p_lab.py --merge runs/kp_b runs/kp_g --output-dir runs/known_p   # ... one report
     python scripts/known_p_lab.py --data-only --vocab-sizes 20 --seeds 0       # datasets for scripts/train.py
-    python scripts/known_p_lab.py --evaluate runs/known_p_gpt2 --data runs/known_p/data/V20-s0
+    python scripts/known_p_lab.py --evaluate runs/known_p_gpt2/final --data runs/known_p/data/V20-s0
 
 See docs/known_p.md for the definitions and a measured table.
 """
