@@ -165,12 +165,12 @@ def main(argv: list[str] | None = None) -> int:
                 continuations = generate_continuations(model, tok, prefixes, cfg, seed=cfg.seeds[0])
             with watch("repetition"):
                 repetition_metrics(continuations)
-            with watch("mauve"):  # featurize (references only the first time) + PCA/k-means
+            with watch("mauve_total"):  # featurize (references only the first time) + PCA/k-means
                 score = cb._mauve(continuations)
         parts = {k: {kk: round(vv, 2) for kk, vv in v.items()} for k, v in watch.parts.items()}
         parts["featurizer"] = {"wall_s": round(feat.wall, 2), "cpu_s": round(feat.cpu, 2), "texts": feat.calls}
         runs.append({"evaluation": i + 1, **parts, "mean_length_words": round(mean_length(continuations), 1),
-                     "mauve": round(score["mauve"], 4)})
+                     "mauve_score": round(score["mauve"], 4)})
         print(json.dumps(runs[-1]), flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     result = {
