@@ -41,6 +41,7 @@ __all__ = [
     "filter_logits",
     "generate_text",
     "generate_with_backspace",
+    "max_positions",
     "sample_continuations_with_backspace",
 ]
 
@@ -55,6 +56,16 @@ def check_custom_mask_support(model: torch.nn.Module) -> None:
             f"SequenceMatch needs custom 4-D attention masks, which attn_implementation={impl!r} does not "
             f"support; load the model with attn_implementation in {SUPPORTED_ATTENTION}"
         )
+
+
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The model's context length (position ids must stay below it), if its config says."""
+    cfg = getattr(unwrap_model(model), "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 @dataclass
@@ -149,6 +160,12 @@ def generate_with_backspace(
     am = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
     if bool((am.sum(-1) == 0).any()):
         raise ValueError("every prompt needs at least one token")
+    limit = max_positions(model)
+    if limit is not None and int(am.sum(-1).max()) + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({int(am.sum(-1).max())} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"{limit} positions: shorten the prompts or max_new_tokens"
+        )
     dtype = model.dtype if model.dtype.is_floating_point else torch.float32
     neg = torch.finfo(dtype).min
     was_training = model.training
@@ -296,8 +313,7 @@ def sample_continuations_with_backspace(model: Any, tokenizer: Any, prompts: Seq
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
-    cfg = model.config
-    max_pos = next((v for v in (getattr(cfg, n, None) for n in ("max_position_embeddings", "n_positions")) if isinstance(v, int)), None)
+    max_pos = max_positions(model)
     max_prompt = None if max_pos is None else max(1, max_pos - config.max_new_tokens)
     texts: list[str] = []
     for start in range(0, len(prompts), config.batch_size):

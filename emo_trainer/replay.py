@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .backspace import unwrap_model
-from .backspace_generation import generate_with_backspace
+from .backspace_generation import generate_with_backspace, max_positions
 
 __all__ = ["ModelTrajectory", "ReplayBuffer", "data_prefixes", "sample_trajectories"]
 
@@ -115,10 +115,15 @@ def sample_trajectories(
 ) -> tuple[list[ModelTrajectory], dict[str, float]]:
     """Sample one continuation per prompt with the current model; return trajectories + stats.
 
-    Prompts are left-padded into batches of ``batch_size``.  Stats: ``bk_rate`` (backspaces /
-    actions), ``mean_actions``, ``terminal_frac``.
+    Prompts are left-padded into batches of ``batch_size``.  Prompts and continuations are kept
+    within the model's context: prompts are left-truncated to at most half of it, and a batch's
+    ``max_new_tokens`` is lowered so that its longest prompt plus the continuation fits.
+    Stats: ``bk_rate`` (backspaces / actions), ``mean_actions``, ``terminal_frac``.
     """
     device = next(unwrap_model(model).parameters()).device
+    limit = max_positions(model)
+    if limit is not None:
+        prompts = [p[-max(1, limit // 2):] for p in prompts]
     trajs: list[ModelTrajectory] = []
     n_bk = n_act = n_term = 0
     for start in range(0, len(prompts), batch_size):
@@ -129,9 +134,10 @@ def sample_trajectories(
         for i, p in enumerate(chunk):
             ids[i, width - len(p) :] = torch.tensor(p)
             am[i, width - len(p) :] = 1
+        new_tokens = max_new_tokens if limit is None else max(1, min(max_new_tokens, limit - width))
         out = generate_with_backspace(
             model, ids.to(device), am.to(device), backspace_token_id=backspace_token_id,
-            max_new_tokens=max_new_tokens, max_actions=max_actions, eos_token_id=eos_token_id,
+            max_new_tokens=new_tokens, max_actions=max_actions, eos_token_id=eos_token_id,
             pad_token_id=pad_token_id, temperature=temperature, generator=generator,
         )
         for p, acts, term, nb in zip(chunk, out.actions, out.terminal, out.num_backspaces):

@@ -138,3 +138,17 @@ def test_text_helpers(tiny_tokenizer, tmp_path):
     cfg = EvalConfig(max_new_tokens=5, batch_size=1)
     texts2 = sample_continuations_with_backspace(model, tok, ["The cat", "Another"], cfg, seed=0)
     assert len(texts2) == 2 and all("<bkspc>" not in t for t in texts2)
+
+
+def test_samples_fit_the_model_context():
+    from emo_trainer.replay import sample_trajectories
+
+    model = tiny_model("gpt2")  # 64 positions
+    prompts = [list(range(3, 50)), [5, 6]]  # 47 tokens: 47 + 64 new tokens would overflow
+    trajs, _ = sample_trajectories(model, prompts, backspace_token_id=BK, step=0, max_new_tokens=64,
+                                   generator=torch.Generator().manual_seed(0))
+    for t in trajs:
+        assert len(t.prompt) + len(apply_backspaces(t.actions, BK)) <= 64
+    ids, am = left_padded([list(range(3, 50))])
+    with pytest.raises(ValueError, match="exceeds the model's 64 positions"):
+        generate_with_backspace(model, ids, am, backspace_token_id=BK, max_new_tokens=64)
