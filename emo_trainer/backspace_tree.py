@@ -47,8 +47,10 @@ __all__ = [
     "Tape",
     "ancestor_mask",
     "collate_tapes",
+    "concat_tapes",
     "data_tapes",
     "model_tape",
+    "pack_tapes",
 ]
 
 
@@ -78,6 +80,9 @@ class Tape:
     is_model: bool = False
     age: int = -1
     num_noise: int = 0
+    #: Per-action ages when several trajectories share the row (see :func:`pack_tapes`).
+    act_age: torch.Tensor | None = None
+    num_trajectories: int = 1
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -275,6 +280,63 @@ def model_tape(
     )
 
 
+def concat_tapes(tapes: Sequence[Tape]) -> Tape:
+    """Several trajectories in one row: each sees only its own nodes.
+
+    Every node still alive at the end of a trajectory is "deleted" where the next trajectory
+    starts (``death`` = that index), so with ``allowed[q, k] = (k ≤ q) & (q < death[k])`` later
+    trajectories never see earlier ones (and earlier ones never see later nodes, k > q).  Depths,
+    clocks and action slots stay per trajectory; node indices are offset.
+    """
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in (
+        "tokens", "depth", "death", "bk_allowed", "clean_target", "act_state", "act_token", "act_next", "act_time",
+        "act_slot", "act_age")}
+    offset = 0
+    for i, tp in enumerate(tapes):
+        end = offset + len(tp)
+        alive_until = NEVER if i == len(tapes) - 1 else end
+        parts["tokens"].append(tp.tokens)
+        parts["depth"].append(tp.depth)
+        parts["death"].append(torch.where(tp.death >= NEVER, torch.full_like(tp.death, alive_until), tp.death + offset))
+        parts["bk_allowed"].append(tp.bk_allowed)
+        parts["clean_target"].append(tp.clean_target)
+        parts["act_state"].append(tp.act_state + offset)
+        parts["act_token"].append(tp.act_token)
+        parts["act_next"].append(torch.where(tp.act_next >= 0, tp.act_next + offset, tp.act_next))
+        parts["act_time"].append(tp.act_time)
+        parts["act_slot"].append(tp.act_slot)
+        parts["act_age"].append(tp.act_age if tp.act_age is not None else torch.full((tp.num_actions,), tp.age))
+        offset = end
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    return Tape(
+        **cat, is_model=all(tp.is_model for tp in tapes), age=max(tp.age for tp in tapes),
+        num_noise=sum(tp.num_noise for tp in tapes), num_trajectories=sum(tp.num_trajectories for tp in tapes),
+    )
+
+
+def pack_tapes(tapes: Sequence[Tape], capacity: int) -> list[Tape]:
+    """Pack short trajectories into rows of at most ``capacity`` nodes (first-fit decreasing).
+
+    Model trajectories (prompt + continuation) are much shorter than data windows; one per row
+    would pad every one of them to the window length.  A trajectory longer than ``capacity``
+    gets a row of its own.  Deterministic: ties keep the input order.
+    """
+    order = sorted(range(len(tapes)), key=lambda i: (-len(tapes[i]), i))
+    bins: list[list[int]] = []
+    sizes: list[int] = []
+    for i in order:
+        n = len(tapes[i])
+        for j, size in enumerate(sizes):
+            if size + n <= capacity:
+                bins[j].append(i)
+                sizes[j] += n
+                break
+        else:
+            bins.append([i])
+            sizes.append(n)
+    return [tapes[b[0]] if len(b) == 1 else concat_tapes([tapes[i] for i in b]) for b in bins]
+
+
 def _long(values: Sequence[int]) -> torch.Tensor:
     return torch.tensor(list(values), dtype=torch.long)
 
@@ -304,8 +366,8 @@ def collate_tapes(
     from node p (−100 elsewhere, so the base class counts exactly the clean targets);
     per-node ``sm_actions`` (B, T, K) action ids (−1 = none) and ``sm_bk_allowed`` (B, T);
     per-action ``sm_state``, ``sm_slot``, ``sm_next`` (−1 terminal), ``sm_weight`` = γ^t (fp32),
-    ``sm_action_mask`` (B, A); per-row ``sm_is_model`` (B,) and ``sm_age`` (B,) (steps since
-    the trajectory was sampled, −1 for data rows).
+    ``sm_action_mask`` (B, A), ``sm_age`` (B, A) (optimizer steps since the action's trajectory
+    was sampled, −1 for data); per-row ``sm_is_model`` (B,) and ``sm_num_trajectories`` (B,).
     """
     if not tapes:
         raise ValueError("no trajectories to collate")
@@ -324,6 +386,7 @@ def collate_tapes(
     nxt = torch.full((b, a), -1, dtype=torch.long)
     weight = torch.zeros((b, a), dtype=torch.float64)
     amask = torch.zeros((b, a), dtype=torch.bool)
+    age = torch.full((b, a), -1, dtype=torch.long)
     for i, tp in enumerate(tapes):
         n, m = len(tp), tp.num_actions
         input_ids[i, :n], position_ids[i, :n], death[i, :n] = tp.tokens, tp.depth, tp.death
@@ -334,6 +397,7 @@ def collate_tapes(
         state[i, :m], slot[i, :m], nxt[i, :m] = tp.act_state, tp.act_slot, tp.act_next
         weight[i, :m] = torch.pow(torch.tensor(float(gamma), dtype=torch.float64), tp.act_time.double())
         amask[i, :m] = True
+        age[i, :m] = tp.act_age if tp.act_age is not None else tp.age
     # The (B, 1, T, T) mask is built where the model runs: only (B, T) tensors cross to the device.
     death = death.to(device) if device is not None else death
     allowed = ancestor_mask(death)
@@ -351,7 +415,8 @@ def collate_tapes(
         "sm_weight": weight.float(),
         "sm_action_mask": amask,
         "sm_is_model": torch.tensor([tp.is_model for tp in tapes], dtype=torch.bool),
-        "sm_age": torch.tensor([tp.age for tp in tapes], dtype=torch.long),
+        "sm_age": age,
+        "sm_num_trajectories": torch.tensor([tp.num_trajectories for tp in tapes], dtype=torch.long),
     }
     if device is not None:
         model_inputs = {key: v.to(device) for key, v in model_inputs.items()}

@@ -287,3 +287,30 @@ def test_policy_stats_match_plain_autograd_and_gradcheck():
     assert torch.autograd.gradcheck(
         lambda z: policy_stats(z, targets, actions, allowed, bk, block_elements=2 * vocab), (leaf,)
     )
+
+
+def test_packing_model_rows_does_not_change_the_loss():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from emo_trainer.backspace_tree import pack_tapes
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=V, n_positions=32, resid_pdrop=0.0,
+                                       embd_pdrop=0.0, attn_pdrop=0.0))
+    obj = make_objective()
+    data = build(False)
+    sampled = [model_tape(p, a, BK, terminal=term, age=3) for p, a, term in MODEL]
+    results = []
+    for tapes in (data + sampled, data + pack_tapes(sampled, capacity=64)):
+        mi, li = collate_tapes(tapes, gamma=obj.gamma)
+        labels = li.pop("labels")
+        out = obj(model(**mi).logits, labels, None, **li)
+        grads = torch.autograd.grad(out.loss, list(model.parameters()))
+        results.append((out, grads, mi["input_ids"].shape[0]))
+    (a, ga, rows_a), (b, gb, rows_b) = results
+    assert rows_b == rows_a - 1
+    assert math.isclose(float(a.loss), float(b.loss), rel_tol=1e-6)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+    assert a.metrics["sm_model_rows"] == b.metrics["sm_model_rows"] == 2
+    assert a.metrics["sm_buffer_age"] == b.metrics["sm_buffer_age"] == 3

@@ -130,7 +130,7 @@ def test_refill_cadence_and_buffer_age():
             out = obj(model(**mi).logits, li.pop("labels"), None, **li)
             assert math.isfinite(float(out.loss))
             assert out.metrics["sm_model_rows"] == 3.0
-            ages = li["sm_age"][li["sm_is_model"]]
+            ages = li["sm_age"][li["sm_age"] >= 0]  # per model action
             assert out.metrics["sm_buffer_age"] == pytest.approx(float(ages.float().mean()))
             assert 0 <= int(ages.max()) <= step - 1
             for k in ("sm_v", "sm_reward_data", "sm_reward_model", "sm_bk_rate_samples", "sm_buffer_size"):

@@ -139,3 +139,27 @@ def test_padding_rows_never_fully_masked():
     visible = mi["attention_mask"][:, 0] == 0
     assert bool(visible.any(-1).all())
     assert bool(visible.diagonal(dim1=-2, dim2=-1).all())
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_packed_model_trajectories_see_only_themselves(kind):
+    from emo_trainer.backspace_tree import concat_tapes, pack_tapes
+
+    model = tiny_model(kind, "sdpa")
+    tapes = [model_tape(p, a, BK, terminal=term) for p, a, term in MODEL]
+    packed = concat_tapes(tapes)
+    assert packed.num_trajectories == 2 and len(packed) == sum(len(t) for t in tapes)
+    mi, li = collate_tapes([packed], gamma=0.9)
+    with torch.no_grad():
+        logits = model(**mi).logits
+    first = 0
+    for (prompt, actions, _), tp in zip(MODEL, tapes):
+        states, _ = explicit_states_model(prompt, actions)
+        for i, state in enumerate(states):
+            node = int(li["sm_state"][0, first + i])
+            with torch.no_grad():
+                ref = model(input_ids=torch.tensor([state])).logits[0, -1]
+            torch.testing.assert_close(logits[0, node], ref, atol=1e-5, rtol=1e-5)
+        first += tp.num_actions
+    # First-fit decreasing: both fit in one row of capacity 40, not in one of 12.
+    assert len(pack_tapes(tapes, 40)) == 1 and len(pack_tapes(tapes, 12)) == 2

@@ -53,8 +53,9 @@ follows objectives.md §5 (the paper's χ²-mixture / IQ-Learn–LS-IQ lineage).
 
 Diagnostics: ``ce``, ``sm_loss`` (L_SM), ``sm_v`` (mean V over data states), ``sm_reward_data`` /
 ``sm_reward_model`` (mean implicit reward), ``sm_bk_rate_data`` / ``sm_bk_rate_samples``
-(backspace share of actions), ``sm_buffer_age`` (mean steps since the drawn samples were
-made), ``sm_buffer_size``, ``sm_model_rows``, ``sm_lambda``, ``sm_mix``.
+(backspace share of actions), ``sm_buffer_age`` (mean optimizer steps since the drawn samples
+were made, over their actions), ``sm_buffer_size``, ``sm_model_rows`` (model trajectories in the
+batch), ``sm_lambda``, ``sm_mix``.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ import torch
 
 from ..backspace import BACKSPACE_TOKEN, add_backspace_token, backspace_token_id, strip_backspace_logits, unwrap_model
 from ..backspace_generation import check_custom_mask_support, sample_continuations_with_backspace
-from ..backspace_tree import NoiseSampler, collate_tapes, data_tapes, model_tape
+from ..backspace_tree import NoiseSampler, collate_tapes, data_tapes, model_tape, pack_tapes
 from ..replay import ReplayBuffer, data_prefixes, sample_trajectories
 from .base import Objective, masked_mean
 from .mle import MleObjective
@@ -103,6 +104,9 @@ class SequenceMatchObjective(Objective):
         samples_per_refill: continuations sampled per refill (0 = one per row of the
             micro-batch that triggers the refill).
         model_rows: model trajectories drawn into each micro-batch (0 = as many as data rows).
+        pack_samples: pack several model trajectories into one row of the forward pass (each
+            sees only its own tokens), up to the data rows' length (True); saves the padding of
+            short samples.
         prefix_tokens: length of the data prefix a continuation is sampled from (32; half the
             row for shorter rows).
         max_new_tokens: surviving generated tokens at which a sample stops (64).
@@ -130,6 +134,7 @@ class SequenceMatchObjective(Objective):
         buffer_size: int = 256,
         samples_per_refill: int = 0,
         model_rows: int = 0,
+        pack_samples: bool = True,
         prefix_tokens: int = 32,
         max_new_tokens: int = 64,
         max_actions: int = 0,
@@ -162,6 +167,7 @@ class SequenceMatchObjective(Objective):
         self.noise_rate, self.noise_token = float(noise_rate), noise_token
         self.sample_every, self.buffer_size = int(sample_every), int(buffer_size)
         self.samples_per_refill, self.model_rows = int(samples_per_refill), int(model_rows)
+        self.pack_samples = bool(pack_samples)
         self.prefix_tokens, self.max_new_tokens = int(prefix_tokens), int(max_new_tokens)
         self.max_actions = int(max_actions) or 2 * self.max_new_tokens
         self.sample_temperature, self.sample_batch_size = float(sample_temperature), int(sample_batch_size)
@@ -183,8 +189,8 @@ class SequenceMatchObjective(Objective):
     # ------------------------------------------------------------------ options / state
     def options(self) -> dict[str, Any]:
         keys = ("gamma", "chi2_coef", "lam", "mix", "bc_warmup_steps", "noise_rate", "noise_token", "sample_every",
-                "buffer_size", "samples_per_refill", "model_rows", "prefix_tokens", "max_new_tokens", "max_actions",
-                "sample_temperature", "sample_batch_size", "terminal_mode", "backspace_token", "seed")
+                "buffer_size", "samples_per_refill", "model_rows", "pack_samples", "prefix_tokens", "max_new_tokens",
+                "max_actions", "sample_temperature", "sample_batch_size", "terminal_mode", "backspace_token", "seed")
         return {k: getattr(self, k) for k in keys}
 
     @property
@@ -312,7 +318,8 @@ class SequenceMatchObjective(Objective):
         In eval mode or during the warm-up: the base split (plain batch, plain MLE).  Otherwise:
         backspace-augmented data rows, plus (online) ``model_rows`` trajectories drawn from the
         replay buffer — refilled first from this batch's prefixes when due or empty — appended
-        as extra rows flagged as ℳ.  Returns ``(model_inputs, loss_inputs)`` as documented in
+        as extra rows flagged as ℳ (several per row with ``pack_samples``).  Returns
+        ``(model_inputs, loss_inputs)`` as documented in
         :func:`emo_trainer.backspace_tree.collate_tapes`: ``input_ids``, ``position_ids`` = depth
         and a (B', 1, T', T') additive ancestor mask for the model; ``labels`` (clean targets
         only) and the ``sm_*`` tensors for the loss.
@@ -340,11 +347,14 @@ class SequenceMatchObjective(Objective):
             if self._refill_due or len(self.buffer) == 0:
                 self.refill(model, input_ids, attention_mask)
             n = self.model_rows or len(tapes)
-            for traj in self.buffer.draw(n, self._generator()):
-                tapes.append(model_tape(
-                    traj.prompt, traj.actions, self.backspace_id,
-                    terminal=traj.terminal and self.terminal_mode == "eos", age=self._step - traj.step,
-                ))
+            sampled = [
+                model_tape(traj.prompt, traj.actions, self.backspace_id,
+                           terminal=traj.terminal and self.terminal_mode == "eos", age=self._step - traj.step)
+                for traj in self.buffer.draw(n, self._generator())
+            ]
+            if self.pack_samples and sampled:
+                sampled = pack_tapes(sampled, capacity=max(len(t) for t in tapes))
+            tapes.extend(sampled)
         base = unwrap_model(model)
         dtype = base.dtype if base.dtype.is_floating_point else torch.float32
         return collate_tapes(tapes, gamma=self.gamma, pad_token_id=self.pad_token_id, dtype=dtype, device=input_ids.device)
@@ -395,7 +405,8 @@ class SequenceMatchObjective(Objective):
 
         acts = extras["sm_actions"].reshape(b * t, -1)[si, slot.reshape(-1)]
         is_bk = (acts == self.backspace_id).float()
-        ages = extras["sm_age"][extras["sm_is_model"]]
+        ages = extras["sm_age"].reshape(-1)[in_m]
+        n_traj = extras["sm_num_trajectories"][extras["sm_is_model"]].sum() if "sm_num_trajectories" in extras else 0
         metrics.update({
             "sm_loss": (l_d + l_m).detach(),
             "sm_v": masked_mean(v_s, in_d),
@@ -405,7 +416,7 @@ class SequenceMatchObjective(Objective):
             "sm_bk_rate_samples": masked_mean(is_bk, in_m),
             "sm_buffer_age": ages.float().mean() if ages.numel() else 0.0,
             "sm_buffer_size": float(len(self.buffer)),
-            "sm_model_rows": float(ages.numel()),
+            "sm_model_rows": n_traj,  # model trajectories in the batch (several may share a row)
             "sm_lambda": lam,
             "sm_mix": self.mix,
         })
