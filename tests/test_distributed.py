@@ -12,7 +12,7 @@ Tolerances (fp32; only the order of floating-point reductions differs between th
 * logged per-step loss: |Δ| ≤ 1e-5 (losses are 0.5–6, so ≤ 2e-6 relative); measured ≤ 1.5e-6;
 * logged grad norm: relative ≤ 1e-4;
 * final weights after 3 AdamW steps at lr 1e-2: |Δ| ≤ 5e-4 (5 % of one step; Adam divides by
-  √v, which magnifies rounding where a gradient is near 0); measured ≤ 1.2e-4.
+  √v, which magnifies rounding where a gradient is near 0); measured ≤ 1e-4.
 
 SequenceMatch online sampling cannot be bit-equal: each process samples continuations of its own
 data shard with its own seed into its own replay buffer (emo_trainer/replay.py), and normalises

@@ -6,6 +6,7 @@ is counted in the logs as ``skipped_batches``."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import datasets
 import pytest
@@ -135,7 +136,7 @@ def test_cli_nonfinite_is_one_error_line(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(mixce.MixceObjective, "combine", combine)
     rc = main([
-        "--config", "configs/quickstart.yaml", "--objective", "mixce", "--output_dir", str(tmp_path / "run"),
+        "--config", str(Path(__file__).resolve().parents[1] / "configs/quickstart.yaml"), "--objective", "mixce", "--output_dir", str(tmp_path / "run"),
         "--max_steps", "4", "--save_strategy", "no", "--eval_strategy", "no", "--eval.generation", "false",
         "--data.max_train_samples", "100", "--data.max_eval_samples", "10", "--data.block_size", "32",
         "--model.config", "{model_type: gpt2, n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64}",
