@@ -13,7 +13,7 @@ from emo_trainer.objectives import available
 QUICK = "configs/quickstart.yaml"
 
 
-def _small(tmp_path, objective, steps=150, extra=()):
+def _small(tmp_path, objective, steps=80, extra=()):
     return load_config(
         QUICK,
         [
