@@ -35,44 +35,46 @@ def build(args):
     return model.train()
 
 
-def run_mode(mode, args):
-    from emo_trainer.objectives import get_objective
+class Runner:
+    """One mode's model, optimizer, objective and batch; ``step()`` times one optimizer step."""
 
-    model = build(args)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, args.vocab - 1, (args.batch, args.seq), generator=g).to(args.device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    if mode == "mle":
-        obj = get_objective("mle")
-    else:
-        obj = get_objective(
-            "sequencematch", noise_rate=args.noise_rate, sample_every=0 if mode == "sm_offline" else 1,
-            buffer_size=4 * args.batch, prefix_tokens=args.prefix, max_new_tokens=args.max_new_tokens,
-        )
-        obj.setup(model, None)
-        obj.eos_token_id = None  # random weights: let samples run to max_new_tokens (worst case)
-        if mode == "sm_no_refill":
-            obj.refill(model, ids, None)  # fill once; timed steps only draw
-    times = []
-    n_items = obj.count_items(batch)
-    for step in range(args.warmup + args.steps):
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
+    def __init__(self, mode, args):
+        from emo_trainer.objectives import get_objective
+
+        self.mode, self.args, self.count = mode, args, 0
+        self.model = build(args)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, args.vocab - 1, (args.batch, args.seq), generator=g).to(args.device)
+        self.batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        if mode == "mle":
+            self.obj = get_objective("mle")
+        else:
+            self.obj = get_objective(
+                "sequencematch", noise_rate=args.noise_rate, sample_every=0 if mode == "sm_offline" else 1,
+                buffer_size=4 * args.batch, prefix_tokens=args.prefix, max_new_tokens=args.max_new_tokens,
+            )
+            self.obj.setup(self.model, None)
+            self.obj.eos_token_id = None  # random weights: samples run to max_new_tokens (the worst case)
+            if mode == "sm_no_refill":
+                self.obj.refill(self.model, ids, None)  # filled once; the timed steps only draw
+        self.n_items = self.obj.count_items(self.batch)
+
+    def step(self):
+        sync = torch.cuda.synchronize if self.args.device.startswith("cuda") else (lambda: None)
+        sync()
         t0 = time.perf_counter()
-        if mode == "sm_refill":
-            obj.on_step_begin(model, step)  # refill due every step
-        mi, li = obj.split_batch(model, batch)
+        if self.mode == "sm_refill":
+            self.obj.on_step_begin(self.model, self.count)  # a refill is due at every step
+        mi, li = self.obj.split_batch(self.model, self.batch)
         labels = li.pop("labels")
-        out = obj(model(**mi).logits, labels, n_items, **li)
-        opt.zero_grad(set_to_none=True)
+        out = self.obj(self.model(**mi).logits, labels, self.n_items, **li)
+        self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
-        opt.step()
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+        self.opt.step()
+        sync()
+        self.count += 1
+        return time.perf_counter() - t0
 
 
 def main(argv=None):
@@ -94,12 +96,20 @@ def main(argv=None):
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
     print(f"GPT-2 {args.layers}L/{args.embd}d, V={args.vocab}, batch {args.batch}x{args.seq}, "
           f"samples: {args.prefix}-token prefix + {args.max_new_tokens} new tokens, noise {args.noise_rate}")
-    base = None
-    for mode in args.modes.split(","):
-        med, times = run_mode(mode, args)
-        base = med if mode == "mle" else base
+    # Modes run round-robin (one step of each per round) so that load changes on a shared
+    # machine hit every mode alike; the first ``warmup`` rounds are not timed.
+    runners = [Runner(mode, args) for mode in args.modes.split(",")]
+    times = {r.mode: [] for r in runners}
+    for rnd in range(args.warmup + args.steps):
+        for r in runners:
+            t = r.step()
+            if rnd >= args.warmup:
+                times[r.mode].append(t)
+    base = statistics.median(times["mle"]) if "mle" in times else None
+    for mode, ts in times.items():
+        med = statistics.median(ts)
         ratio = f"  x{med / base:.2f} MLE" if base else ""
-        print(f"{mode:>13}: {1000 * med:8.1f} ms/step (median of {len(times)}; min {1000 * min(times):.1f}){ratio}")
+        print(f"{mode:>13}: {1000 * med:8.1f} ms/step (median of {len(ts)}; min {1000 * min(ts):.1f}){ratio}")
 
 
 if __name__ == "__main__":
