@@ -93,9 +93,13 @@ def _maybe_add_generation_eval(trainer, cfg: ExperimentConfig, eval_texts, token
     except ImportError:
         logger.warning("generation metrics are not available in this build; only eval loss/perplexity are computed")
         return
-    cb = build_generation_callback(cfg.eval, eval_texts, tokenizer, trainer=trainer)
-    if cb is not None:
-        trainer.add_callback(cb)
+    # ObjectiveTrainer computes the token-weighted eval perplexity itself; the callback adds the
+    # generation metrics, with the objective's own sampler when it has one (SequenceMatch's
+    # backspace-aware sampler: metrics on the final text, deletions applied).
+    build_generation_callback(
+        cfg.eval, eval_texts, tokenizer, trainer=trainer, compute_perplexity=False,
+        sampler=getattr(trainer.objective, "generation_sampler", None),
+    )
 
 
 def resolve_resume(cfg: ExperimentConfig, resume_from_checkpoint):

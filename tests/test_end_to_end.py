@@ -69,3 +69,21 @@ def test_cli_errors_are_one_line(argv, needle, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert err.startswith("error: ") and needle in err and "\n" not in err
+
+
+@pytest.mark.parametrize("objective", ["mle", "sequencematch"])
+def test_generation_callback_installed_once_with_the_objectives_sampler(tmp_path, objective):
+    from emo_trainer.evaluation import GenerationEvalCallback
+
+    cfg = _small(tmp_path, objective, extra=("--eval.generation", "true", "--eval.num_prompts", "50",
+                                             "--eval.prompt_words", "5", "--eval.continuation_words", "5",
+                                             "--data.max_eval_samples", "100"))
+    trainer, _ = build_trainer(cfg)
+    cbs = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GenerationEvalCallback)]
+    assert len(cbs) == 1
+    if objective == "sequencematch":
+        from emo_trainer.backspace_generation import sample_continuations_with_backspace
+
+        assert cbs[0].sampler is sample_continuations_with_backspace
+    else:
+        assert cbs[0].sampler is None
