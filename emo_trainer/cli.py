@@ -145,9 +145,12 @@ def run(cfg: ExperimentConfig, resume_from_checkpoint=None) -> dict:
               f"logs: checkpoint-*/trainer_state.json, final metrics: final_metrics.json)", flush=True)
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     metrics = dict(result.metrics)
-    last_eval = [h for h in trainer.state.log_history if "eval_loss" in h]
-    if last_eval and last_eval[-1].get("step") == trainer.state.global_step:
-        metrics.update({k: v for k, v in last_eval[-1].items() if k.startswith("eval_")})
+    step = trainer.state.global_step
+    # The last evaluation may be logged as several entries (loss/perplexity, then generation metrics).
+    final_eval = [h for h in trainer.state.log_history if h.get("step") == step and any(k.startswith("eval_") for k in h)]
+    if any("eval_loss" in h for h in final_eval):
+        for h in final_eval:
+            metrics.update({k: v for k, v in h.items() if k.startswith("eval_")})
     elif trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
     if args.should_save:

@@ -13,12 +13,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer():
-    """A 300-token byte-level BPE trained on the quickstart corpus."""
+def _tiny_tokenizer_dir(tmp_path_factory):
     from emo_trainer.modeling import train_bpe_tokenizer
     from emo_trainer.quickstart_corpus import make_corpus
 
-    return train_bpe_tokenizer(make_corpus(200, seed=1), vocab_size=300)
+    d = tmp_path_factory.mktemp("tiny_tokenizer")
+    train_bpe_tokenizer(make_corpus(200, seed=1), vocab_size=300, save_dir=d)
+    return d
+
+
+@pytest.fixture
+def tiny_tokenizer(_tiny_tokenizer_dir):
+    """A 300-token byte-level BPE trained on the quickstart corpus (trained once; a fresh copy per
+    test, so a test that adds a token, e.g. <bkspc>, cannot leak it into another)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(_tiny_tokenizer_dir))
 
 
 def make_tiny_gpt2(vocab_size: int = 300, seed: int = 0, n_layer: int = 1, n_embd: int = 32, n_positions: int = 64):
