@@ -97,6 +97,17 @@ class BackspaceGenerationOutput:
         return sum(self.num_backspaces) / n if n else 0.0
 
 
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``(input_ids, attention_mask)`` of the longest one's width."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, width - len(ids) :] = torch.as_tensor(list(ids), dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Temperature, top-k and nucleus (top-p) filtering of (B, V) logits (−∞ = removed)."""
     if temperature != 1.0:
@@ -320,12 +331,7 @@ def sample_continuations_with_backspace(model: Any, tokenizer: Any, prompts: Seq
         encoded = [tokenizer(p)["input_ids"] for p in prompts[start : start + config.batch_size]]
         encoded = [ids[-max_prompt:] if max_prompt is not None else ids for ids in encoded]
         encoded = [ids if ids else [eos if eos is not None else pad] for ids in encoded]
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, ids in enumerate(encoded):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, width - len(ids) :] = 1
+        input_ids, attention_mask = left_pad(encoded, pad)
         out = generate_with_backspace(
             model, input_ids.to(device), attention_mask.to(device), backspace_token_id=bk,
             max_new_tokens=config.max_new_tokens, eos_token_id=eos, pad_token_id=pad,

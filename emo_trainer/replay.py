@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .backspace import unwrap_model
-from .backspace_generation import generate_with_backspace, max_positions
+from .backspace_generation import generate_with_backspace, left_pad, max_positions
 
 __all__ = ["ModelTrajectory", "ReplayBuffer", "data_prefixes", "sample_trajectories"]
 
@@ -128,12 +128,8 @@ def sample_trajectories(
     n_bk = n_act = n_term = 0
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        am = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, p in enumerate(chunk):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            am[i, width - len(p) :] = 1
+        ids, am = left_pad(chunk, pad_token_id)
+        width = ids.shape[1]
         new_tokens = max_new_tokens if limit is None else max(1, min(max_new_tokens, limit - width))
         out = generate_with_backspace(
             model, ids.to(device), am.to(device), backspace_token_id=backspace_token_id,
