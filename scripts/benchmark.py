@@ -111,7 +111,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="fp32, or bf16 autocast with fp32 weights (default: per shape; cpu: fp32)")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch threads (1 is steadiest on a shared machine)")
     p.add_argument("--emo-transport-dtype", choices=["float32", "bfloat16"], default=None,
-                   help="also run EMO with this transport_dtype (emo[bf16]/...) besides the default float32")
+                   help="also run EMO with this transport_dtype (emo[float32]/...) besides the default (auto: "
+                        "the logits' dtype, bf16 under bf16 autocast)")
     p.add_argument("--compile", action="store_true", help="torch.compile(model) for every case (the loss stays eager)")
     p.add_argument("--reference-emo", action="store_true", help="add the EMO authors' EMOLoss (pip install EMOLoss)")
     p.add_argument("--liger", action="store_true", help="add Liger-Kernel's fused linear cross-entropy (CUDA)")
@@ -162,7 +163,7 @@ def default_cases(args, shape) -> list[Case]:
             objective, options = "sequencematch", {"sample_every": SM_SAMPLE_EVERY}
         for path in args.paths:
             cases.append(Case(f"{name}/{path}", "objective", objective, path, options))
-            if objective == "emo" and args.emo_transport_dtype and args.emo_transport_dtype != "float32":
+            if objective == "emo" and args.emo_transport_dtype:
                 opts = {**options, "transport_dtype": args.emo_transport_dtype}
                 cases.append(Case(f"emo[{args.emo_transport_dtype}]/{path}", "objective", "emo", path, opts))
     if args.reference_emo:

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Triton (optional) runs its kernels with its CPU interpreter in the tests; the switch must be set
+# before triton is imported, because triton.language's own helpers are jitted at import time.
+# The library uses the kernels on CUDA tensors only; tests/test_triton_stats.py opts CPU tensors in.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

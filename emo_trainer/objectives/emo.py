@@ -40,7 +40,8 @@ NORMALISE_EPS = 1e-8
 #: Smallest allowed ε of the CE/D ratios: below it bf16-trained models hit NaN when D ≈ 0.
 MIN_RATIO_EPS = 1e-6
 COST_SOURCES = ("initial", "live")
-TRANSPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: ``auto``: the logits' dtype when they are bf16/fp16 (bf16 or fp16 training), else float32.
+TRANSPORT_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def normalise_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -138,11 +139,14 @@ class EmoObjective(Objective):
             Uncapped mode 1 can collapse a model under a strong distribution shift.
             Mode 2's ratio D/CE is ≤ 2 by construction, so the cap does not apply to it.
         eps: ε of the ratios, at least 1e-6 (smaller values give NaN in bf16 when D ≈ 0).
-        transport_dtype: dtype of the two (n×V)(V×d_c) transport products, ``"float32"``
-            (default; TF32 on Ampere+ GPUs when ``training.tf32`` is on) or ``"bfloat16"``
-            (fastest on GPUs, fp32 accumulation).  Everything else stays fp32, and D is
-            formed so that its relative precision does not depend on q_i[y_i] (see
-            ``fused.py``), so bf16 products give D to about 1e-2 relative.
+        transport_dtype: dtype of the two (n×V)(V×d_c) transport products: ``"auto"``
+            (default: the logits' dtype when the model computes them in bf16/fp16 — bf16
+            autocast — else float32), ``"float32"`` (TF32 on Ampere+ GPUs when
+            ``training.tf32`` is on) or ``"bfloat16"`` (fastest on GPUs, fp32 accumulation).
+            Everything else stays fp32, and D is formed so that its relative precision does
+            not depend on q_i[y_i] (see ``fused.py``), so bf16 products give D to about 1e-2
+            relative — the precision of the bf16 logits themselves.  In IEEE fp32 on an H100
+            the two products alone cost ~25 ms per GPT-2 step (docs/performance.md).
 
     Attributes:
         model_is_fresh: set to True by the trainer when the model was randomly
@@ -158,7 +162,7 @@ class EmoObjective(Objective):
         mode: int = 1,
         ratio_cap: float | None = 3.0,
         eps: float = 1e-6,
-        transport_dtype: str = "float32",
+        transport_dtype: str = "auto",
     ) -> None:
         super().__init__()
         if int(mode) != mode or int(mode) not in (1, 2):
@@ -276,9 +280,14 @@ class EmoObjective(Objective):
 
     def _transport(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cost = self._cost_for(logits)
-        if self._transport_cache is None or self._transport_cache[0].device != cost.device:
-            # float64 logits (tests) keep float64 products; otherwise the configured dtype.
-            dtype = cost.dtype if cost.dtype == torch.float64 else TRANSPORT_DTYPES[self.transport_dtype]
+        # float64 logits (tests) keep float64 products; otherwise the configured dtype.
+        dtype = TRANSPORT_DTYPES[self.transport_dtype]
+        if cost.dtype == torch.float64:
+            dtype = torch.float64
+        elif dtype is None:  # auto
+            dtype = logits.dtype if logits.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        cache = self._transport_cache
+        if cache is None or cache[0].device != cost.device or cache[0].dtype != dtype:
             self._transport_cache = (cost.to(dtype), self_costs(cost))  # 1 − ê_v·ê_v: 0, or 1 for a zero row
         return self._transport_cache
 

@@ -35,6 +35,8 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from . import triton_stats
+
 #: fp32 elements of one block of rows (so a temporary is at most 128 MiB).
 DEFAULT_BLOCK_ELEMENTS = 1 << 25
 #: ... and at least this many blocks, so temporaries stay a fraction of the N×V logits ...
@@ -112,6 +114,11 @@ class _SoftmaxStats(torch.autograd.Function):
             lse, ce, entropy, demd_raw = (t.clone() for t in _cache.items[_cache.pos][1:])
             _cache.pos += 1
             return _SoftmaxStats._finish(ctx, logits, targets, cost, self_cost, block_elements, lse, ce, entropy, demd_raw)
+        if triton_stats.usable(logits):
+            lse, ce, entropy, demd_raw = _forward_triton(logits, targets, cost, self_cost, want_entropy, block_elements)
+            if _cache.mode == "record":
+                _cache.items.append((key, lse, ce, entropy, demd_raw))
+            return _SoftmaxStats._finish(ctx, logits, targets, cost, self_cost, block_elements, lse, ce, entropy, demd_raw)
         new = {"dtype": ct, "device": logits.device}
         lse, ce = torch.empty(n, **new), torch.empty(n, **new)
         entropy = torch.empty(n if want_entropy else 0, **new)
@@ -172,6 +179,9 @@ class _SoftmaxStats(torch.autograd.Function):
             g_demd = None
         if g_demd is not None:
             g_demd = torch.where(demd_raw >= 0, g_demd, torch.zeros_like(g_demd))  # clamp_min's gradient
+        if triton_stats.usable(logits):
+            grad = _backward_triton(ctx, logits, targets, lse, entropy, demd_raw, g_ce, g_entropy, g_demd)
+            return grad, None, None, None, None, None
         grad = torch.empty_like(logits)
         for sl in _blocks(n, vocab, ctx.block_elements):
             y = targets[sl].unsqueeze(1)
@@ -209,6 +219,55 @@ class _SoftmaxStats(torch.autograd.Function):
             grad[sl] = q  # cast to the logits' dtype on copy
             del u, q, w
         return grad, None, None, None, None, None
+
+
+def _forward_triton(logits, targets, cost, self_cost, want_entropy, block_elements):
+    """``_SoftmaxStats`` forward with the Triton kernels (one read of the logits; EMO: two)."""
+    n, vocab = logits.shape
+    if cost is None:  # no temporaries at all: every row in one launch
+        lse, ce, entropy, _, _ = triton_stats.row_stats(logits, targets, want_entropy)
+        return lse, ce, entropy, lse.new_empty(0)
+    lse, ce = logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+    entropy = logits.new_empty(n if want_entropy else 0, dtype=torch.float32)
+    demd_raw = logits.new_empty(n, dtype=torch.float32)
+    for sl in _blocks(n, vocab, block_elements):  # q' (rows×V) is the one temporary: bounded by the blocks
+        y = targets[sl]
+        q = torch.empty((sl.stop - sl.start, vocab), dtype=cost.dtype, device=logits.device)
+        lse[sl], ce[sl], ent, q_sum, q_gold = triton_stats.row_stats(logits[sl], y, want_entropy, q_out=q)
+        if want_entropy:
+            entropy[sl] = ent
+        moved = (q @ cost).float()  # Êᵀq' (rows×d_c), in the cost's dtype, fp32 accumulation
+        demd_raw[sl] = q_sum - (moved * cost[y].float()).sum(-1) + q_gold * self_cost[y]
+        del q, moved
+    return lse, ce, entropy, demd_raw
+
+
+def _backward_triton(ctx, logits, targets, lse, entropy, demd_raw, g_ce, g_entropy, g_demd):
+    """``_SoftmaxStats`` backward with the Triton kernel: one read of the logits, one write of the gradient."""
+    n, vocab = logits.shape
+    f32 = torch.float32
+    grad = torch.empty_like(logits)
+    gce = None if g_ce is None else g_ce.to(f32).contiguous()
+    gh = None if g_entropy is None else g_entropy.to(f32).contiguous()
+    if g_demd is None:  # CE and/or entropy: no temporaries, one launch
+        a = None
+        if gh is not None:
+            a = gce if gce is not None else torch.zeros_like(lse)
+        return triton_stats.row_grad(logits, targets, lse, grad, g_ce=gce, a=a, g_h=gh,
+                                     entropy=entropy if gh is not None else None)
+    cost = ctx.cost
+    gd = g_demd.to(f32)
+    a = (gce if gce is not None else torch.zeros_like(lse)) + gd * (1.0 - demd_raw)
+    s_gold = 1.0 - ctx.self_cost[targets]  # ê_y·ê_y, as the forward pass used it
+    for sl in _blocks(n, vocab, ctx.block_elements):  # s (rows×V) is the one temporary
+        y = targets[sl]
+        s = cost[y] @ cost.T  # ê_y·ê_k, in the cost's dtype: the backward's one product
+        triton_stats.row_grad(
+            logits[sl], y, lse[sl], grad[sl], g_ce=None if gce is None else gce[sl], a=a[sl], g_d=gd[sl],
+            s=s, s_gold=s_gold[sl], g_h=None if gh is None else gh[sl], entropy=None if gh is None else entropy[sl],
+        )
+        del s
+    return grad
 
 
 def self_costs(cost: torch.Tensor) -> torch.Tensor:
