@@ -43,9 +43,12 @@ NEVER = 2**62  # death index of a node that is never deleted
 
 __all__ = [
     "NEVER",
+    "DataRows",
     "NoiseSampler",
     "Tape",
+    "additive_ancestor_mask",
     "ancestor_mask",
+    "augment_batch",
     "collate_tapes",
     "concat_tapes",
     "data_tapes",
@@ -134,6 +137,161 @@ class NoiseSampler:
         return w
 
 
+@dataclass
+class DataRows:
+    """Backspace-augmented data rows of one batch, already laid out as (B, T) / (B, A) arrays.
+
+    What :func:`data_tapes` returns row by row, built for the whole batch at once with tensor ops
+    (no Python loop over tokens).  (B, T) node arrays, padded beyond ``length``: ``tokens``
+    (0; :func:`collate_tapes` writes its ``pad_token_id``), ``depth`` (0), ``death`` (padding node k: k + 1, visible to itself only),
+    ``bk_allowed`` (False), ``labels`` (``labels[p + 1]`` = clean data token typed from node p,
+    −100 elsewhere); (B, A) action arrays, padded beyond ``num_actions``: ``act_state`` (0),
+    ``act_token`` (−1), ``act_next`` (−1); ``num_noise`` (B,).  The agent clock of action i is i,
+    its slot 0 (a data node takes at most one action).
+    """
+
+    tokens: torch.Tensor
+    depth: torch.Tensor
+    death: torch.Tensor
+    bk_allowed: torch.Tensor
+    labels: torch.Tensor
+    length: torch.Tensor
+    act_state: torch.Tensor
+    act_token: torch.Tensor
+    act_next: torch.Tensor
+    num_actions: torch.Tensor
+    num_noise: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def tapes(self) -> list[Tape]:
+        """One :class:`Tape` per row."""
+        out = []
+        for b in range(len(self)):
+            n, a = int(self.length[b]), int(self.num_actions[b])
+            clean = torch.full((n,), IGNORE_INDEX, dtype=torch.long)
+            clean[: n - 1] = self.labels[b, 1:n]
+            out.append(Tape(
+                tokens=self.tokens[b, :n].clone(), depth=self.depth[b, :n].clone(), death=self.death[b, :n].clone(),
+                bk_allowed=self.bk_allowed[b, :n].clone(), clean_target=clean,
+                act_state=self.act_state[b, :a].clone(), act_token=self.act_token[b, :a].clone(),
+                act_next=self.act_next[b, :a].clone(), act_time=torch.arange(a),
+                act_slot=torch.zeros(a, dtype=torch.long), num_noise=int(self.num_noise[b]),
+            ))
+        return out
+
+
+def augment_batch(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    *,
+    backspace_id: int,
+    noise_rate: float = 0.0,
+    noise: NoiseSampler | None = None,
+    eos_token_id: int | None = None,
+    terminal_mode: str = "eos",
+    generator: torch.Generator | None = None,
+    noise_positions: Sequence[dict[int, int]] | None = None,
+) -> DataRows:
+    """The rows of :func:`data_tapes` as one :class:`DataRows` (same arguments, same random draws).
+
+    Random draws, per row in order: ``rand(n)`` for the noise positions, then (only if the row
+    got noise) the wrong tokens of every position from ``noise``; everything else is batched.
+    """
+    if terminal_mode not in ("eos", "none"):
+        raise ValueError(f"terminal_mode must be 'eos' or 'none', got {terminal_mode!r}")
+    eos = eos_token_id if terminal_mode == "eos" else None
+    ids = input_ids.detach().cpu().long()
+    keep = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
+    lab = ids.masked_fill(~keep, IGNORE_INDEX) if labels is None else labels.detach().cpu().long()
+    pool = ids[keep & (lab != IGNORE_INDEX)]
+    if noise_rate > 0 and noise is None and noise_positions is None:
+        raise ValueError("noise_rate > 0 needs a NoiseSampler")
+    bsz = ids.shape[0]
+    n = keep.sum(1)
+    empty = (n == 0).nonzero()
+    if empty.numel():
+        raise ValueError(f"row {int(empty[0])} of the batch has no tokens")
+    # Compact every row to its kept positions (left or right padding): (B, W) with W = max n.
+    width = int(n.max())
+    j = torch.arange(width)
+    inside = j[None, :] < n[:, None]
+    if bool(keep.all()):
+        x, y = ids, lab
+    else:
+        rb, rj = keep.nonzero(as_tuple=True)
+        rank = keep.long().cumsum(1)[rb, rj] - 1
+        x = torch.zeros((bsz, width), dtype=torch.long)
+        y = torch.full((bsz, width), IGNORE_INDEX, dtype=torch.long)
+        x[rb, rank], y[rb, rank] = ids[rb, rj], lab[rb, rj]
+    act = (y != IGNORE_INDEX) & inside
+    act[:, 0] = False  # the first token has no prediction: it is context
+    if not torch.equal(y[act], x[act]):
+        raise ValueError("SequenceMatch needs labels equal to input_ids wherever they are not -100")
+
+    # Noise draws, row by row (the draw order of the per-row construction).
+    is_noise = torch.zeros((bsz, width), dtype=torch.bool)
+    wrong = torch.zeros((bsz, width), dtype=torch.long)
+    if noise_positions is not None:
+        for b, forced in enumerate(noise_positions):
+            for jj, w in forced.items():
+                if not (0 <= jj < int(n[b])) or not bool(act[b, jj]) or int(w) == int(x[b, jj]):
+                    raise ValueError(f"noise at {jj}: not a clean action, or the wrong token equals the true one")
+                is_noise[b, jj], wrong[b, jj] = True, int(w)
+    elif noise_rate > 0:
+        for b in range(bsz):
+            nb = int(n[b])
+            row = (torch.rand(nb, generator=generator) < noise_rate) & act[b, :nb]
+            if bool(row.any()):
+                is_noise[b, :nb] = row
+                wrong[b, :nb] = noise(x[b, :nb], pool, generator)
+
+    # Tape layout: clean token j sits at c[j]; a noise node before it at c[j] − 1.
+    inc = is_noise.long()
+    c = j[None, :] + inc.cumsum(1)
+    num_noise = inc.sum(1)
+    length = n + num_noise
+    t = int(length.max())
+    tokens = torch.zeros((bsz, t), dtype=torch.long)
+    depth = torch.zeros((bsz, t), dtype=torch.long)
+    death = torch.arange(1, t + 1).repeat(bsz, 1)  # padding: visible to itself only
+    cb, cj = inside.nonzero(as_tuple=True)
+    cpos = c[cb, cj]
+    tokens[cb, cpos], depth[cb, cpos], death[cb, cpos] = x[cb, cj], cj, NEVER
+    nb_, nj = is_noise.nonzero(as_tuple=True)
+    npos = c[nb_, nj] - 1
+    tokens[nb_, npos], depth[nb_, npos], death[nb_, npos] = wrong[nb_, nj], nj, npos + 1  # deleted right after it
+    first = torch.where(act.any(1), act.long().argmax(1), n)  # first clean action: the end of the context
+    bk_allowed = (depth >= first[:, None]) & (torch.arange(t)[None, :] < length[:, None])
+    c_prev = torch.cat([torch.zeros((bsz, 1), dtype=torch.long), c[:, :-1]], 1)  # clean state before token j
+    ab, aj = act.nonzero(as_tuple=True)
+    lab_out = torch.full((bsz, t), IGNORE_INDEX, dtype=torch.long)
+    lab_out[ab, c_prev[ab, aj] + 1] = x[ab, aj]
+
+    # Agent actions in trajectory order: for each clean j, an optional <bkspc> (noise node → the
+    # clean state of j−1), then the clean token (clean state of j−1 → that of j).
+    cnt = act.long() + inc
+    before = cnt.cumsum(1) - cnt
+    num_actions = cnt.sum(1)
+    a = max(int(num_actions.max()), 1)
+    act_state = torch.zeros((bsz, a), dtype=torch.long)
+    act_token = torch.full((bsz, a), -1, dtype=torch.long)
+    act_next = torch.full((bsz, a), -1, dtype=torch.long)
+    bi = before[nb_, nj]
+    act_state[nb_, bi], act_token[nb_, bi], act_next[nb_, bi] = npos, backspace_id, c_prev[nb_, nj]
+    ci = before[ab, aj] + inc[ab, aj]
+    nxt = c[ab, aj]
+    if eos is not None:
+        nxt = torch.where(x[ab, aj] == eos, torch.full_like(nxt, -1), nxt)
+    act_state[ab, ci], act_token[ab, ci], act_next[ab, ci] = c_prev[ab, aj], x[ab, aj], nxt
+    return DataRows(
+        tokens=tokens, depth=depth, death=death, bk_allowed=bk_allowed, labels=lab_out, length=length,
+        act_state=act_state, act_token=act_token, act_next=act_next, num_actions=num_actions, num_noise=num_noise,
+    )
+
+
 def data_tapes(
     input_ids: torch.Tensor,
     labels: torch.Tensor | None,
@@ -161,76 +319,13 @@ def data_tapes(
     ``terminal_mode="eos"``: a clean action equal to ``eos_token_id`` ends an episode (V after
     it is 0); ``"none"``: every window is cut from a longer text and bootstraps with V of its
     last state.
+
+    Built batched by :func:`augment_batch` (which :func:`collate_tapes` also takes directly).
     """
-    if terminal_mode not in ("eos", "none"):
-        raise ValueError(f"terminal_mode must be 'eos' or 'none', got {terminal_mode!r}")
-    ids = input_ids.detach().cpu().long()
-    keep = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
-    lab = ids.masked_fill(~keep, IGNORE_INDEX) if labels is None else labels.detach().cpu().long()
-    pool = ids[keep & (lab != IGNORE_INDEX)]
-    if noise_rate > 0 and noise is None and noise_positions is None:
-        raise ValueError("noise_rate > 0 needs a NoiseSampler")
-    tapes = []
-    for b in range(ids.shape[0]):
-        x, y = ids[b][keep[b]], lab[b][keep[b]]
-        if x.numel() == 0:
-            raise ValueError(f"row {b} of the batch has no tokens")
-        tapes.append(
-            _data_tape(
-                x, y, backspace_id, noise_rate, noise, pool, eos_token_id if terminal_mode == "eos" else None,
-                generator, None if noise_positions is None else noise_positions[b],
-            )
-        )
-    return tapes
-
-
-def _data_tape(x, y, bk, rate, noise, pool, eos, generator, forced_noise) -> Tape:
-    n = x.numel()
-    act = y != IGNORE_INDEX
-    act[0] = False  # the first token has no prediction: it is context
-    if not torch.equal(y[act], x[act]):
-        raise ValueError("SequenceMatch needs labels equal to input_ids wherever they are not -100")
-    idx = torch.arange(n)
-    if forced_noise is not None:
-        is_noise = torch.zeros(n, dtype=torch.bool)
-        wrong = torch.zeros(n, dtype=torch.long)
-        for j, w in forced_noise.items():
-            if not bool(act[j]) or int(w) == int(x[j]):
-                raise ValueError(f"noise at {j}: not a clean action, or the wrong token equals the true one")
-            is_noise[j], wrong[j] = True, int(w)
-    else:
-        is_noise = (torch.rand(n, generator=generator) < rate) & act if rate > 0 else torch.zeros(n, dtype=torch.bool)
-        wrong = noise(x, pool, generator) if bool(is_noise.any()) else torch.zeros(n, dtype=torch.long)
-    c = idx + torch.cumsum(is_noise.long(), 0)  # tape index of clean token j
-    length = n + int(is_noise.sum())
-    jn = is_noise.nonzero().squeeze(1)
-    nz = c[jn] - 1  # tape index of the noise node inserted before clean token j
-    tokens = torch.empty(length, dtype=torch.long)
-    depth = torch.empty(length, dtype=torch.long)
-    tokens[c], depth[c] = x, idx
-    tokens[nz], depth[nz] = wrong[jn], jn
-    death = torch.full((length,), NEVER, dtype=torch.long)
-    death[nz] = nz + 1  # deleted right after it was typed
-    js = act.nonzero().squeeze(1)
-    first = int(js[0]) if js.numel() else n
-    bk_allowed = depth >= first  # a token beyond the protected context is on the state
-    clean_target = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
-    clean_target[c[js - 1]] = x[js]
-    # Agent actions: for each clean j, an optional <bkspc> (from the noise node back to the
-    # clean state), then the clean token (from the clean state of j−1 to that of j).
-    tok_next = c[js].clone()
-    if eos is not None:
-        tok_next[x[js] == eos] = -1
-    states = torch.cat([c[js - 1], nz])
-    actions = torch.cat([x[js], torch.full_like(jn, bk)])
-    nexts = torch.cat([tok_next, c[jn - 1]])
-    order = torch.argsort(torch.cat([2 * js + 1, 2 * jn]))
-    a = order.numel()
-    return Tape(
-        tokens=tokens, depth=depth, death=death, bk_allowed=bk_allowed, clean_target=clean_target,
-        act_state=states[order], act_token=actions[order], act_next=nexts[order],
-        act_time=torch.arange(a), act_slot=torch.zeros(a, dtype=torch.long), num_noise=int(jn.numel()),
-    )
+    return augment_batch(
+        input_ids, labels, attention_mask, backspace_id=backspace_id, noise_rate=noise_rate, noise=noise,
+        eos_token_id=eos_token_id, terminal_mode=terminal_mode, generator=generator, noise_positions=noise_positions,
+    ).tapes()
 
 
 def model_tape(
@@ -348,6 +443,38 @@ def ancestor_mask(death: torch.Tensor) -> torch.Tensor:
     return (q[None, :] <= q[:, None])[None] & (q[None, :, None] < death[:, None, :])
 
 
+def additive_ancestor_mask(
+    death: torch.Tensor, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """(B, 1, T, T) additive form of :func:`ancestor_mask` (0 = visible, dtype-min = hidden).
+
+    Built where the model runs from the CPU ``death`` (B, T) without any (B, T, T) temporary:
+    one causal (T, T) template copied into every row (one write pass), then only the columns of
+    nodes that die inside the window (``death < T``: deleted noise, padding, earlier packed
+    trajectories) are rewritten, each as "visible for k ≤ q < death[k]".  Columns of nodes that
+    never die are exactly causal.  The indices are computed on the host, so nothing here waits
+    for the device.
+    """
+    death = death.cpu()
+    b, t = death.shape
+    neg = torch.finfo(dtype).min
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    causal = torch.full((t, t), neg, dtype=dtype, device=dev).triu_(1)  # 0 on and below the diagonal
+    mask = torch.empty((b, 1, t, t), dtype=dtype, device=dev)
+    mask.copy_(causal)
+    dying = death < t
+    if bool(dying.any()):
+        bi, ki = dying.nonzero(as_tuple=True)
+        lo, hi = ki, death[bi, ki]  # column k is visible to rows lo ≤ q < hi
+        if dev.type != "cpu":
+            bi, lo, hi = (x.to(dev, non_blocking=True) for x in (bi, lo, hi))
+        q = torch.arange(t, device=dev)
+        visible = (q[None, :] >= lo[:, None]) & (q[None, :] < hi[:, None])
+        cols = torch.where(visible, torch.zeros((), dtype=dtype, device=dev), torch.full((), neg, dtype=dtype, device=dev))
+        mask[bi, 0, :, lo] = cols
+    return mask
+
+
 def collate_tapes(
     tapes: Sequence[Tape],
     *,
@@ -355,8 +482,13 @@ def collate_tapes(
     pad_token_id: int = 0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    data: DataRows | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Stack tapes into ``(model_inputs, loss_inputs)`` for one forward pass.
+
+    ``data`` (from :func:`augment_batch`): data rows already laid out, placed first, before
+    ``tapes`` — the same result as passing ``data.tapes()`` first in ``tapes``, without a Python
+    loop over its rows.
 
     model_inputs: ``input_ids`` (B, T), ``position_ids`` = depth (B, T), ``attention_mask``
     (B, 1, T, T) additive in ``dtype`` (0 = visible, dtype-min = hidden).  Padding nodes see
@@ -368,13 +500,17 @@ def collate_tapes(
     per-action ``sm_state``, ``sm_slot``, ``sm_next`` (−1 terminal), ``sm_weight`` = γ^t (fp32),
     ``sm_action_mask`` (B, A), ``sm_age`` (B, A) (optimizer steps since the action's trajectory
     was sampled, −1 for data); per-row ``sm_is_model`` (B,) and ``sm_num_trajectories`` (B,).
+
+    Everything is built on the host and sent with one non-blocking copy per tensor; the (B, 1, T, T)
+    mask is built on ``device`` (:func:`additive_ancestor_mask`).
     """
-    if not tapes:
+    bd = 0 if data is None else len(data)
+    if not tapes and not bd:
         raise ValueError("no trajectories to collate")
-    b = len(tapes)
-    t = max(len(tp) for tp in tapes)
+    b = bd + len(tapes)
+    t = max([len(tp) for tp in tapes] + ([int(data.tokens.shape[1])] if bd else []))
     k = max([int(tp.act_slot.max()) + 1 for tp in tapes if tp.num_actions] or [1])
-    a = max([tp.num_actions for tp in tapes] + [1])
+    a = max([tp.num_actions for tp in tapes] + [1] + ([int(data.act_state.shape[1])] if bd else []))
     input_ids = torch.full((b, t), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((b, t), dtype=torch.long)
     death = torch.arange(1, t + 1).repeat(b, 1)  # padding: visible to itself only
@@ -384,26 +520,36 @@ def collate_tapes(
     state = torch.zeros((b, a), dtype=torch.long)
     slot = torch.zeros((b, a), dtype=torch.long)
     nxt = torch.full((b, a), -1, dtype=torch.long)
-    weight = torch.zeros((b, a), dtype=torch.float64)
+    time = torch.zeros((b, a), dtype=torch.long)
     amask = torch.zeros((b, a), dtype=torch.bool)
     age = torch.full((b, a), -1, dtype=torch.long)
-    for i, tp in enumerate(tapes):
+    if bd:
+        td, ad = data.tokens.shape[1], data.act_state.shape[1]
+        node = torch.arange(td)[None, :] < data.length[:, None]
+        input_ids[:bd, :td] = torch.where(node, data.tokens, pad_token_id)
+        position_ids[:bd, :td], death[:bd, :td] = data.depth, data.death
+        bk_allowed[:bd, :td], labels[:bd, :td] = data.bk_allowed, data.labels
+        amask[:bd, :ad] = torch.arange(ad)[None, :] < data.num_actions[:, None]
+        state[:bd, :ad], nxt[:bd, :ad] = data.act_state, data.act_next
+        time[:bd, :ad] = torch.arange(ad)
+        rb, ri = amask[:bd].nonzero(as_tuple=True)
+        sm_actions[rb, data.act_state[rb, ri], 0] = data.act_token[rb, ri]
+    for i, tp in enumerate(tapes, start=bd):
         n, m = len(tp), tp.num_actions
         input_ids[i, :n], position_ids[i, :n], death[i, :n] = tp.tokens, tp.depth, tp.death
         bk_allowed[i, :n] = tp.bk_allowed
         has = (tp.clean_target != IGNORE_INDEX).nonzero().squeeze(1)
         labels[i, has + 1] = tp.clean_target[has]
         sm_actions[i, tp.act_state, tp.act_slot] = tp.act_token
-        state[i, :m], slot[i, :m], nxt[i, :m] = tp.act_state, tp.act_slot, tp.act_next
-        weight[i, :m] = torch.pow(torch.tensor(float(gamma), dtype=torch.float64), tp.act_time.double())
+        state[i, :m], slot[i, :m], nxt[i, :m], time[i, :m] = tp.act_state, tp.act_slot, tp.act_next, tp.act_time
         amask[i, :m] = True
         age[i, :m] = tp.act_age if tp.act_age is not None else tp.age
-    # The (B, 1, T, T) mask is built where the model runs: only (B, T) tensors cross to the device.
-    death = death.to(device) if device is not None else death
-    allowed = ancestor_mask(death)
-    mask = torch.zeros((b, 1, t, t), dtype=dtype, device=death.device).masked_fill_(
-        ~allowed[:, None], torch.finfo(dtype).min
-    )
+    # γ^t from a table of γ^0 … γ^(a−1) (clocks never exceed a row's action count).
+    table = torch.pow(torch.tensor(float(gamma), dtype=torch.float64), torch.arange(a, dtype=torch.float64))
+    weight = torch.where(amask, table[time], torch.zeros((), dtype=torch.float64)).float()
+    mask = additive_ancestor_mask(death, dtype, device)
+    is_model = torch.tensor([False] * bd + [tp.is_model for tp in tapes], dtype=torch.bool)
+    num_traj = torch.tensor([1] * bd + [tp.num_trajectories for tp in tapes], dtype=torch.long)
     model_inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask}
     loss_inputs = {
         "labels": labels,
@@ -412,13 +558,13 @@ def collate_tapes(
         "sm_state": state,
         "sm_slot": slot,
         "sm_next": nxt,
-        "sm_weight": weight.float(),
+        "sm_weight": weight,
         "sm_action_mask": amask,
-        "sm_is_model": torch.tensor([tp.is_model for tp in tapes], dtype=torch.bool),
+        "sm_is_model": is_model,
         "sm_age": age,
-        "sm_num_trajectories": torch.tensor([tp.num_trajectories for tp in tapes], dtype=torch.long),
+        "sm_num_trajectories": num_traj,
     }
     if device is not None:
-        model_inputs = {key: v.to(device) for key, v in model_inputs.items()}
-        loss_inputs = {key: v.to(device) for key, v in loss_inputs.items()}
+        model_inputs = {key: v.to(device, non_blocking=True) for key, v in model_inputs.items()}
+        loss_inputs = {key: v.to(device, non_blocking=True) for key, v in loss_inputs.items()}
     return model_inputs, loss_inputs

@@ -163,3 +163,112 @@ def test_packed_model_trajectories_see_only_themselves(kind):
         first += tp.num_actions
     # First-fit decreasing: both fit in one row of capacity 40, not in one of 12.
     assert len(pack_tapes(tapes, 40)) == 1 and len(pack_tapes(tapes, 12)) == 2
+
+
+# ---------------------------------------------------------------------- batched construction
+def _reference_row_tape(x, y, bk, rate, noise, pool, eos, generator):
+    """The per-row construction the batched :func:`augment_batch` replaced (kept as the reference)."""
+    from emo_trainer.backspace_tree import NEVER, Tape
+
+    n = x.numel()
+    act = y != -100
+    act[0] = False
+    idx = torch.arange(n)
+    is_noise = (torch.rand(n, generator=generator) < rate) & act if rate > 0 else torch.zeros(n, dtype=torch.bool)
+    wrong = noise(x, pool, generator) if bool(is_noise.any()) else torch.zeros(n, dtype=torch.long)
+    c = idx + torch.cumsum(is_noise.long(), 0)
+    length = n + int(is_noise.sum())
+    jn = is_noise.nonzero().squeeze(1)
+    nz = c[jn] - 1
+    tokens = torch.empty(length, dtype=torch.long)
+    depth = torch.empty(length, dtype=torch.long)
+    tokens[c], depth[c] = x, idx
+    tokens[nz], depth[nz] = wrong[jn], jn
+    death = torch.full((length,), NEVER, dtype=torch.long)
+    death[nz] = nz + 1
+    js = act.nonzero().squeeze(1)
+    first = int(js[0]) if js.numel() else n
+    clean_target = torch.full((length,), -100, dtype=torch.long)
+    clean_target[c[js - 1]] = x[js]
+    tok_next = c[js].clone()
+    if eos is not None:
+        tok_next[x[js] == eos] = -1
+    states = torch.cat([c[js - 1], nz])
+    actions = torch.cat([x[js], torch.full_like(jn, bk)])
+    nexts = torch.cat([tok_next, c[jn - 1]])
+    order = torch.argsort(torch.cat([2 * js + 1, 2 * jn]))
+    a = order.numel()
+    return Tape(tokens=tokens, depth=depth, death=death, bk_allowed=depth >= first, clean_target=clean_target,
+                act_state=states[order], act_token=actions[order], act_next=nexts[order], act_time=torch.arange(a),
+                act_slot=torch.zeros(a, dtype=torch.long), num_noise=int(jn.numel()))
+
+
+@pytest.mark.parametrize("mode", ["random", "unigram"])
+@pytest.mark.parametrize("rate", [0.0, 0.05, 0.5])
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+def test_batched_augmentation_equals_the_per_row_construction(mode, rate, padding):
+    from emo_trainer.backspace_tree import NoiseSampler, augment_batch
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, BK, (5, 40), generator=g)
+    ids[ids % 11 == 0] = EOS
+    am = torch.ones_like(ids)
+    for b in range(5):
+        if padding == "right":
+            am[b, 40 - 6 * b:] = 0
+        elif padding == "left":
+            am[b, : 6 * b] = 0
+    labels = ids.masked_fill(am == 0, -100)
+    labels[1, :5] = -100  # a protected context: the clean actions start later
+    labels[2, 10:14] = -100  # forced tokens inside the row
+    noise = NoiseSampler(BK, exclude=[0, 1, EOS, BK], mode=mode)
+    kw = dict(backspace_id=BK, noise_rate=rate, noise=noise, eos_token_id=EOS)
+    tapes = data_tapes(ids, labels, am, generator=torch.Generator().manual_seed(7), **kw)
+    ref_gen = torch.Generator().manual_seed(7)
+    keep = am.bool()
+    pool = ids[keep & (labels != -100)]
+    for b, tp in enumerate(tapes):
+        ref = _reference_row_tape(ids[b][keep[b]], labels[b][keep[b]], BK, rate, noise, pool, EOS, ref_gen)
+        for name in ("tokens", "depth", "death", "bk_allowed", "clean_target", "act_state", "act_token", "act_next",
+                     "act_time", "act_slot"):
+            assert torch.equal(getattr(tp, name), getattr(ref, name)), (b, name)
+        assert tp.num_noise == ref.num_noise
+    # The generator ends where the per-row draws leave it: the next draws (replay) do not move.
+    assert torch.equal(torch.rand(3, generator=ref_gen), torch.rand(3, generator=torch.Generator().set_state(
+        _state_after(ids, labels, am, kw))))
+
+    # collate_tapes(data=...) equals collating the row tapes (with model trajectories after them).
+    model = [model_tape(p, a, BK, terminal=term, age=i) for i, (p, a, term) in enumerate(MODEL)]
+    rows = augment_batch(ids, labels, am, generator=torch.Generator().manual_seed(7), **kw)
+    fast = collate_tapes(model, data=rows, gamma=0.9, pad_token_id=4)
+    slow = collate_tapes(rows.tapes() + model, gamma=0.9, pad_token_id=4)
+    for d_fast, d_slow in zip(fast, slow):
+        assert d_fast.keys() == d_slow.keys()
+        for key in d_fast:
+            assert d_fast[key].dtype == d_slow[key].dtype and torch.equal(d_fast[key], d_slow[key]), key
+
+
+def _state_after(ids, labels, am, kw):
+    gen = torch.Generator().manual_seed(7)
+    data_tapes(ids, labels, am, generator=gen, **kw)
+    return gen.get_state()
+
+
+def test_additive_mask_equals_the_boolean_ancestor_mask():
+    from emo_trainer.backspace_tree import NEVER, additive_ancestor_mask, ancestor_mask, concat_tapes
+
+    tapes = build_batch()
+    tapes.append(concat_tapes([model_tape(p, a, BK, terminal=term) for p, a, term in MODEL]))
+    _, li = collate_tapes(tapes, gamma=0.9)
+    t = max(len(tp) for tp in tapes)
+    death = torch.arange(1, t + 1).repeat(len(tapes), 1)
+    for i, tp in enumerate(tapes):
+        death[i, : len(tp)] = tp.death
+    assert bool((death < NEVER).any()) and bool((death < t).any())
+    for dtype in (torch.float32, torch.bfloat16):
+        ref = torch.zeros((len(tapes), 1, t, t), dtype=dtype).masked_fill_(~ancestor_mask(death)[:, None],
+                                                                          torch.finfo(dtype).min)
+        assert torch.equal(additive_ancestor_mask(death, dtype), ref)
+    mi, _ = collate_tapes(tapes, gamma=0.9)
+    assert torch.equal(mi["attention_mask"], torch.zeros_like(mi["attention_mask"]).masked_fill_(
+        ~ancestor_mask(death)[:, None], torch.finfo(torch.float32).min))

@@ -67,7 +67,7 @@ import torch
 
 from ..backspace import BACKSPACE_TOKEN, add_backspace_token, backspace_token_id, strip_backspace_logits, unwrap_model
 from ..backspace_generation import check_custom_mask_support, sample_continuations_with_backspace
-from ..backspace_tree import NoiseSampler, collate_tapes, data_tapes, model_tape, pack_tapes
+from ..backspace_tree import NoiseSampler, augment_batch, collate_tapes, model_tape, pack_tapes
 from ..replay import ReplayBuffer, data_prefixes, sample_trajectories
 from .base import Objective, masked_mean
 from .mle import MleObjective
@@ -338,26 +338,27 @@ class SequenceMatchObjective(Objective):
                 default = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
             if not torch.equal(pos.to(default.device), default):
                 raise ValueError("sequencematch does not support packed rows with custom position_ids")
-        tapes = data_tapes(
+        data = augment_batch(
             input_ids, batch.get("labels"), attention_mask, backspace_id=self.backspace_id,
             noise_rate=self.noise_rate, noise=self.noise, eos_token_id=self.eos_token_id,
             terminal_mode=self.terminal_mode, generator=self._generator(),
         )
+        sampled = []
         if self.online:
             if self._refill_due or len(self.buffer) == 0:
                 self.refill(model, input_ids, attention_mask)
-            n = self.model_rows or len(tapes)
+            n = self.model_rows or len(data)
             sampled = [
                 model_tape(traj.prompt, traj.actions, self.backspace_id,
                            terminal=traj.terminal and self.terminal_mode == "eos", age=self._step - traj.step)
                 for traj in self.buffer.draw(n, self._generator())
             ]
             if self.pack_samples and sampled:
-                sampled = pack_tapes(sampled, capacity=max(len(t) for t in tapes))
-            tapes.extend(sampled)
+                sampled = pack_tapes(sampled, capacity=int(data.length.max()))
         base = unwrap_model(model)
         dtype = base.dtype if base.dtype.is_floating_point else torch.float32
-        return collate_tapes(tapes, gamma=self.gamma, pad_token_id=self.pad_token_id, dtype=dtype, device=input_ids.device)
+        return collate_tapes(sampled, data=data, gamma=self.gamma, pad_token_id=self.pad_token_id, dtype=dtype,
+                             device=input_ids.device)
 
     # ------------------------------------------------------------------ formula
     def token_stats(self, logits, targets, extras=None):
