@@ -314,3 +314,66 @@ def test_packing_model_rows_does_not_change_the_loss():
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
     assert a.metrics["sm_model_rows"] == b.metrics["sm_model_rows"] == 2
     assert a.metrics["sm_buffer_age"] == b.metrics["sm_buffer_age"] == 3
+
+
+def _policy_reference(z, targets, actions, allowed, bk):
+    masked = torch.where(allowed[:, None] | (torch.arange(z.shape[1]) != bk), z, torch.tensor(float("-inf"), dtype=z.dtype))
+    ce = torch.logsumexp(z, -1) - z.gather(1, targets[:, None]).squeeze(1)
+    return ce, torch.logsumexp(masked, -1), z.gather(1, actions.clamp_min(0)) * (actions >= 0)
+
+
+@pytest.mark.parametrize("bk", [0, 6, 12])  # first, middle and last column
+def test_policy_stats_low_precision_logits_fp32_math_and_no_fp32_copy(bk):
+    """bf16 logits: statistics in fp32 of the bf16 values, the gradient in bf16, and autograd keeps
+    the logits themselves (no fp32 N×V copy); stable when a masked <bkspc> holds all the mass."""
+    from emo_trainer.objectives.sequencematch import policy_stats
+
+    g = torch.Generator().manual_seed(1)
+    n, vocab = 9, 13
+    z64 = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 3
+    z64[0, bk] = 120.0  # masked <bkspc> with all the mass: exp(z_bk − V) overflows fp32
+    z64[1, bk] = 120.0  # ... allowed
+    z64[2, bk] = -1e4  # never chosen
+    logits = z64.to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    targets[3] = bk
+    actions = torch.randint(-1, vocab, (n, 3), generator=g)
+    actions[4] = torch.tensor([bk, bk, targets[4]])
+    allowed = torch.rand(n, generator=g) < 0.5
+    allowed[0], allowed[1] = False, True
+    ref_in = logits.double().requires_grad_(True)
+    ref = _policy_reference(ref_in, targets, actions, allowed, bk)
+    w = torch.randn(2, n, generator=g, dtype=torch.float64)
+    wq = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    (ref_grad,) = torch.autograd.grad((w[0] * ref[0] + w[1] * ref[1]).sum() + (wq * ref[2]).sum(), ref_in)
+
+    leaf = logits.clone().requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = policy_stats(leaf, targets, actions, allowed, bk, block_elements=4 * vocab)
+    assert all(o.dtype == torch.float32 for o in out)
+    big = [t for t in saved if t.dim() == 2 and t.shape[-1] == vocab]
+    assert len(big) == 1 and big[0].dtype == torch.bfloat16 and big[0].data_ptr() == leaf.data_ptr()
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o.double(), r.detach(), atol=1e-5, rtol=1e-5)
+    (grad,) = torch.autograd.grad(
+        (w[0].float() * out[0] + w[1].float() * out[1]).sum() + (wq.float() * out[2]).sum(), leaf)
+    assert grad.dtype == torch.bfloat16 and bool(torch.isfinite(grad).all())
+    torch.testing.assert_close(grad, ref_grad.to(torch.bfloat16), atol=1e-2, rtol=1e-2)
+
+
+def test_policy_stats_under_autocast_matches_fp32_on_the_same_values():
+    from emo_trainer.objectives.sequencematch import policy_stats
+
+    g = torch.Generator().manual_seed(2)
+    n, vocab, bk = 6, 10, 9
+    logits = torch.randn(n, vocab, generator=g).to(torch.bfloat16)
+    targets = torch.randint(0, bk, (n,), generator=g)
+    actions = torch.randint(0, vocab, (n, 2), generator=g)
+    allowed = torch.tensor([True, False] * 3)
+    plain = policy_stats(logits.float(), targets, actions, allowed, bk)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = policy_stats(logits, targets, actions, allowed, bk)
+    for a, b in zip(amp, plain):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

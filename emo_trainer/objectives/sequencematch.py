@@ -61,6 +61,7 @@ batch), ``sm_lambda``, ``sm_mix``.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -120,6 +121,8 @@ class SequenceMatchObjective(Objective):
 
     name = "sequencematch"
     extra_position_keys = ("sm_actions", "sm_bk_allowed")
+    #: policy_stats upcasts block by block: bf16 logits are used as they are (no fp32 N×V copy).
+    fp32_math_inside = True
 
     def __init__(
         self,
@@ -393,21 +396,31 @@ class SequenceMatchObjective(Objective):
         in_d, in_m = amask & ~is_model, amask & is_model
         w = extras["sm_weight"].reshape(-1).float()
         w_d, w_m = torch.where(in_d, w, torch.zeros_like(w)), torch.where(in_m, w, torch.zeros_like(w))
-        has_model = bool(in_m.any())
-        lam = self.lam if has_model else 1.0
-        s_d = (w_d * (-r + lam * dv + self.chi2_coef * lam * r * r)).sum()
+        # No host sync: λ (forced to 1 without model actions) and the empty cases as tensor selects.
+        has_model = in_m.any()
+
+        def pick(with_model: float, without: float) -> torch.Tensor:
+            f64 = {"dtype": torch.float64, "device": v.device}  # 0-d: the math stays in v's dtype
+            return torch.where(has_model, torch.tensor(with_model, **f64), torch.tensor(without, **f64))
+
+        lam = pick(self.lam, 1.0)
+        s_d = (w_d * (-r + lam * dv + pick(self.chi2_coef * self.lam, self.chi2_coef) * r * r)).sum()
         s_m = (w_m * ((1.0 - lam) * (dv + self.chi2_coef * r * r))).sum()
         wsum_d, wsum_m = w_d.sum().detach(), w_m.sum().detach()
-        l_d = s_d / wsum_d if bool(in_d.any()) else s_d * 0.0
-        l_m = s_m / wsum_m if has_model else s_m * 0.0
+        one = torch.ones((), dtype=wsum_d.dtype, device=wsum_d.device)
+        # An empty set has w = 0 everywhere, so its sum S is 0 (and so is its gradient): S / 1.
+        l_d = s_d / torch.where(wsum_d > 0, wsum_d, one)
+        l_m = s_m / torch.where(wsum_m > 0, wsum_m, one)
         n_clean = valid.sum().to(ce.dtype)
         sm_sum = n_clean * (l_d + l_m)  # = (n/W_𝒟)·S_𝒟 + (n/W_ℳ)·S_ℳ, see the module docstring
         loss_sum = (1.0 - self.mix) * ce_sum + self.mix * sm_sum
 
         acts = extras["sm_actions"].reshape(b * t, -1)[si, slot.reshape(-1)]
         is_bk = (acts == self.backspace_id).float()
-        ages = extras["sm_age"].reshape(-1)[in_m]
-        n_traj = extras["sm_num_trajectories"][extras["sm_is_model"]].sum() if "sm_num_trajectories" in extras else 0
+        ages = extras["sm_age"].reshape(-1).float()
+        n_traj = 0
+        if "sm_num_trajectories" in extras:
+            n_traj = torch.where(extras["sm_is_model"], extras["sm_num_trajectories"], 0).sum()
         metrics.update({
             "sm_loss": (l_d + l_m).detach(),
             "sm_v": masked_mean(v_s, in_d),
@@ -415,7 +428,7 @@ class SequenceMatchObjective(Objective):
             "sm_reward_model": masked_mean(r, in_m),
             "sm_bk_rate_data": masked_mean(is_bk, in_d),
             "sm_bk_rate_samples": masked_mean(is_bk, in_m),
-            "sm_buffer_age": ages.float().mean() if ages.numel() else 0.0,
+            "sm_buffer_age": masked_mean(ages, in_m),
             "sm_buffer_size": float(len(self.buffer)),
             "sm_model_rows": n_traj,  # model trajectories in the batch (several may share a row)
             "sm_lambda": lam,
@@ -424,69 +437,137 @@ class SequenceMatchObjective(Objective):
         return loss_sum, metrics
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_blocks(n: int, vocab: int, block_elements: int):
+    rows = max(1, block_elements // max(vocab, 1))
+    for start in range(0, n, rows):
+        yield slice(start, min(start + rows, n))
+
+
+def _no_autocast(device: torch.device):
+    # fp32 math by design: an ambient autocast must not run any of it in bf16.
+    try:
+        on = torch.is_autocast_enabled(device.type)
+    except (TypeError, RuntimeError):  # device types without autocast support
+        return nullcontext()
+    return torch.autocast(device.type, enabled=False) if on else nullcontext()
+
+
+def _max_without(z: torch.Tensor, bk: int) -> torch.Tensor:
+    """Row max over every column but ``bk`` (one read of the block, two strided slices)."""
+    if bk <= 0:
+        return z[:, 1:].amax(-1)
+    if bk >= z.shape[1] - 1:
+        return z[:, :bk].amax(-1)
+    return torch.maximum(z[:, :bk].amax(-1), z[:, bk + 1:].amax(-1))
+
+
+def _sub_upcast(z: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """``z − col[:, None]`` in ``col``'s (compute) dtype: one fused read-upcast-write on CUDA; on
+    CPU, where mixed-dtype elementwise ops go through a slow path, an upcast copy then in place."""
+    if z.dtype == col.dtype or z.device.type == "cuda":
+        return torch.sub(z, col[:, None])
+    return z.to(col.dtype).sub_(col[:, None])
+
+
+def _mul_into(out: torch.Tensor, u: torch.Tensor, coef: torch.Tensor) -> None:
+    """``out[:] = u · coef[:, None]`` rounded once into ``out``'s dtype (``u`` may be overwritten)."""
+    if out.dtype == u.dtype or u.device.type == "cuda":
+        torch.mul(u, coef[:, None], out=out)  # CUDA stores in out's dtype inside the same kernel
+    else:
+        out.copy_(u.mul_(coef[:, None]))
+
+
 class _PolicyStats(torch.autograd.Function):
     """(CE, V, Q) of each row of ``logits``; see :func:`policy_stats`.
 
-    One exp pass over the logits in forward and one in backward, like a fused CE:
-    V without ``<bkspc>`` is lse + log1p(−p_bk), and its
-    gradient is softmax·1/(1 − p_bk) off the ``<bkspc>`` column.  Both lose precision only when
-    a *masked* ``<bkspc>`` holds most of the mass (p_bk > ½); those rare rows are recomputed
-    exactly (logits without the column).
+    The logits stay in their own dtype (bf16 under autocast: no fp32 N×V copy); each block of
+    rows is upcast inside one fused op and the math runs in fp32 (float64 for float64 logits).
+    With m = max over the columns other than ``<bkspc>`` and S = Σ_{v≠bk} exp(z_v − m) ≥ 1:
+
+        V_wo = m + log S,   lse = m + logaddexp(log S, z_bk − m),   CE = (lse − m) − (z_y − m),
+
+    exact and stable however much mass ``<bkspc>`` holds (no cancellation, no recomputed rows).
+    Forward: per block one max, one upcasting subtract, one in-place exp, one sum.  Backward: the
+    gradient off the special columns is exp(z − V)·(g_CE·exp(V − lse) + g_V) (every factor ≤ 1
+    in magnitude times the incoming gradients), written straight into a tensor of the logits'
+    dtype (one subtract, one in-place exp, one multiply that stores in that dtype); the few
+    special columns (target, actions, ``<bkspc>``) are then overwritten with their exact values.
+    No host↔device synchronisation.
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, actions, bk_allowed, bk, block_rows):
-        n = logits.shape[0]
-        lse_all, v = logits.new_empty(n), logits.new_empty(n)
-        for start in range(0, n, block_rows):
-            sl = slice(start, min(start + block_rows, n))
-            z = logits[sl]
-            lse = torch.logsumexp(z, -1)
-            p_bk = torch.exp(z[:, bk] - lse)
-            lse_wo = lse + torch.log1p(-p_bk.clamp_max(0.5))
-            hard = ~bk_allowed[sl] & (p_bk > 0.5)
-            if bool(hard.any()):
-                rows = z[hard].clone()
-                rows[:, bk] = float("-inf")
-                lse_wo[hard] = torch.logsumexp(rows, -1)
-            lse_all[sl] = lse
-            v[sl] = torch.where(bk_allowed[sl], lse, lse_wo)
-        ce = lse_all - logits.gather(1, targets[:, None]).squeeze(1)
-        q = torch.where(actions >= 0, logits.gather(1, actions.clamp_min(0)), torch.zeros((), dtype=logits.dtype))
-        ctx.save_for_backward(logits, targets, actions, bk_allowed, lse_all, v)
-        ctx.bk, ctx.block_rows = bk, block_rows
+    def forward(ctx, logits, targets, actions, bk_allowed, bk, block_elements):
+        with _no_autocast(logits.device):
+            n, vocab = logits.shape
+            ct = _compute_dtype(logits.dtype)
+            lse, v, ce = (torch.empty(n, dtype=ct, device=logits.device) for _ in range(3))
+            for sl in _row_blocks(n, vocab, block_elements):
+                z = logits[sl]
+                m = _max_without(z, bk).to(ct)
+                t = _sub_upcast(z, m)  # z − m in the compute dtype
+                t_gold = t.gather(1, targets[sl, None]).squeeze(1)
+                t_bk = t[:, bk].clone()
+                t.exp_()
+                t[:, bk] = 0.0
+                log_s = t.sum(-1).log()
+                rel = torch.logaddexp(log_s, t_bk)  # lse − m
+                lse[sl] = m + rel
+                v[sl] = m + torch.where(bk_allowed[sl], rel, log_s)
+                ce[sl] = rel - t_gold
+                del t
+            valid = actions >= 0
+            q = torch.where(valid, logits.gather(1, actions.clamp_min(0)).to(ct), torch.zeros((), dtype=ct, device=logits.device))
+        ctx.save_for_backward(logits, targets, actions, bk_allowed, lse, v)
+        ctx.bk, ctx.block_elements = bk, block_elements
         ctx.set_materialize_grads(False)
         return ce, v, q
 
     @staticmethod
     def backward(ctx, g_ce, g_v, g_q):
-        logits, targets, actions, bk_allowed, lse_all, v = ctx.saved_tensors
-        n, bk = logits.shape[0], ctx.bk
-        zeros = torch.zeros(n, dtype=logits.dtype, device=logits.device)
-        g_ce = zeros if g_ce is None else g_ce
-        g_v = zeros if g_v is None else g_v
+        if not ctx.needs_input_grad[0] or (g_ce is None and g_v is None and g_q is None):
+            return (None,) * 6
+        logits = ctx.saved_tensors[0]
+        with _no_autocast(logits.device):
+            return _PolicyStats._backward(ctx, g_ce, g_v, g_q)
+
+    @staticmethod
+    def _backward(ctx, g_ce, g_v, g_q):
+        logits, targets, actions, bk_allowed, lse, v = ctx.saved_tensors
+        n, vocab = logits.shape
+        bk, ct, dev = ctx.bk, lse.dtype, logits.device
+        zeros = torch.zeros(n, dtype=ct, device=dev)
+        g_ce = zeros if g_ce is None else g_ce.to(ct)
+        g_v = zeros if g_v is None else g_v.to(ct)
+        k = actions.shape[1]
+        g_q = torch.zeros((n, k), dtype=ct, device=dev) if g_q is None else g_q.to(ct)
+        # The special columns of each row: target, the actions (−1 padding → the target, with no
+        # contribution of its own), <bkspc>; and what each adds beyond the softmax-type part.
+        valid = actions >= 0
+        cols = torch.cat([targets[:, None], torch.where(valid, actions, targets[:, None]), torch.full_like(targets[:, None], bk)], 1)
+        extra = torch.cat([-g_ce[:, None], torch.where(valid, g_q, torch.zeros_like(g_q)), torch.zeros_like(g_ce[:, None])], 1)
         grad = torch.empty_like(logits)
-        for start in range(0, n, ctx.block_rows):
-            sl = slice(start, min(start + ctx.block_rows, n))
-            z, g = logits[sl], grad[sl]
+        for sl in _row_blocks(n, vocab, ctx.block_elements):
+            z, gce, gv, vv, ll = logits[sl], g_ce[sl], g_v[sl], v[sl], lse[sl]
             # ∂CE/∂z = softmax − onehot(y); ∂V/∂z = the policy over the allowed actions
-            # = softmax·exp(lse − V) off the <bkspc> column, and 0 on it where it is masked.
-            allowed, gce, gv = bk_allowed[sl], g_ce[sl], g_v[sl]
-            coef = gce + gv * torch.exp(lse_all[sl] - v[sl])
-            torch.exp(z - lse_all[sl, None], out=g)
-            p_bk = g[:, bk].clone()
-            g.mul_(coef[:, None])
-            g[:, bk] = p_bk * (gce + torch.where(allowed, gv, torch.zeros_like(gv)))
-            hard = ~allowed & (p_bk > 0.5)
-            if bool(hard.any()):  # masked <bkspc> holds most of the mass: the policy exactly
-                zh = z[hard]
-                pv = torch.exp(zh - v[sl][hard, None])
-                pv[:, bk] = 0.0
-                g[hard] = torch.exp(zh - lse_all[sl][hard, None]) * gce[hard, None] + pv * gv[hard, None]
-            g.scatter_add_(1, targets[sl, None], -gce[:, None])
-            if g_q is not None:  # ∂Q/∂z = onehot(a), several actions per row
-                a = actions[sl]
-                g.scatter_add_(1, a.clamp_min(0), torch.where(a >= 0, g_q[sl], torch.zeros_like(g_q[sl])))
+            # = exp(z − V) off <bkspc>, and on it exp(z_bk − lse) where allowed (V = lse), 0 where masked.
+            coef = gce * torch.exp(vv - ll) + gv
+            u = _sub_upcast(z, vv)
+            u.exp_()
+            g = grad[sl]
+            _mul_into(g, u, coef)  # one rounding into the logits' dtype
+            del u
+            c = cols[sl]
+            zc = z.gather(1, c).to(ct)
+            p_bk = torch.exp(z[:, bk].to(ct) - ll)
+            bk_val = p_bk * (gce + torch.where(bk_allowed[sl], gv, torch.zeros_like(gv)))
+            base = torch.where(c == bk, bk_val[:, None], torch.exp(zc - vv[:, None]) * coef[:, None])
+            same = (c[:, :, None] == c[:, None, :]).to(ct)
+            total = base + torch.bmm(same, extra[sl, :, None]).squeeze(2)  # duplicates get the same total
+            g[torch.arange(c.shape[0], device=c.device)[:, None], c] = total.to(g.dtype)  # index_put: no sync
         return grad, None, None, None, None, None
 
 
@@ -496,15 +577,19 @@ def policy_stats(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row ``CE = lse(z) − z[y]`` (all columns), ``V = logsumexp`` over the allowed actions
     (no ``<bkspc>`` where ``bk_allowed`` is False) and ``Q = z[actions]`` (n, K; 0 for the −1
-    padding of ``actions``) of (n, V) logits.
+    padding of ``actions``) of (n, V) logits, in fp32 (float64 for float64 logits) whatever the
+    logits' dtype.
 
-    A custom autograd Function: autograd keeps only the logits (no N×V softmax or one-hot
-    copies); forward and backward each make one exp pass over blocks of rows
-    (``block_elements`` per temporary) with the closed-form gradients softmax − onehot, the
-    masked policy, and onehot(actions).
+    A custom autograd Function: autograd keeps only the logits as given (bf16 logits stay bf16:
+    no N×V fp32 copy, no softmax or one-hot copies); forward and backward each make one exp pass
+    over blocks of rows (``block_elements`` per fp32 temporary) with the closed-form gradients
+    softmax − onehot, the masked policy and onehot(actions); the gradient comes back in the
+    logits' dtype.
     """
-    rows = max(1, block_elements // max(logits.shape[1], 1))
-    return _PolicyStats.apply(logits, targets, actions, bk_allowed, int(backspace_id), rows)
+    rows_ok = logits.dim() == 2 and logits.shape[1] >= 2
+    if not rows_ok:
+        raise ValueError(f"policy_stats expects (n, V ≥ 2) logits, got shape {tuple(logits.shape)}")
+    return _PolicyStats.apply(logits, targets, actions, bk_allowed, int(backspace_id), int(block_elements))
 
 
 __all__ = ["SequenceMatchObjective", "policy_stats"]
