@@ -392,3 +392,24 @@ def test_saved_tensor_accounting(objective, tmp_path, bk_tokenizer):
     # Chunked path: nothing of N×V size, in the forward or the backward pass.
     saved, _ = _saved_nxv(trainer, model, "chunked", batch, torch.float32)
     assert saved == {}
+
+
+def test_chunked_emo_builds_its_transport_matrix_once(monkeypatch):
+    """Under bf16 autocast every chunk (and the shape probe) sees bf16 logits: Ê in the transport
+    dtype and its self-costs (a float64 pass over V×d_c) are made once, not once per step."""
+    from emo_trainer.objectives import chunked_objective_loss, emo, get_objective
+
+    made = []
+    real = emo.self_costs
+    monkeypatch.setattr(emo, "self_costs", lambda c: made.append(c.dtype) or real(c))
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 12, 8, generator=g, requires_grad=True)
+    weight = torch.randn(30, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 30, (2, 12), generator=g)
+    obj = get_objective("emo", cost_embedding=torch.randn(30, 4, generator=g))
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = chunked_objective_loss(obj, hidden, weight, labels, chunk_size=8)
+        out.loss.backward()
+    assert len(made) == 1
+    assert obj._transport(torch.zeros(1, 30, dtype=torch.bfloat16))[0].dtype == torch.bfloat16  # auto: bf16 products

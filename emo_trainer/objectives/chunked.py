@@ -158,8 +158,12 @@ def chunked_token_stats(
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     pos_extras = pos_extras or {}
+    mm_dtype = _matmul_dtype(hidden, weight)
     with torch.no_grad(), _no_autocast(hidden.device):  # one row, to learn the statistics' names and shapes
+        # computed in the weight's dtype (no copy of W), handed over in the chunks' dtype, so the
+        # objective sees the same logits dtype as in the chunks (EMO caches per dtype)
         row = F.linear(hidden[:1].to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
+        row = row.to(mm_dtype)
         probe = objective.token_stats(_stats_input(objective, row), targets[:1], {k: v[:1] for k, v in pos_extras.items()})
     names = tuple(probe)
     shapes = tuple(tuple(probe[name].shape[1:]) for name in names)  # () for (n,) stats, (k,) for (n, k)

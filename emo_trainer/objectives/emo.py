@@ -182,7 +182,7 @@ class EmoObjective(Objective):
         self.model_is_fresh = False
         self._cost: torch.Tensor | None = None  # Ê, fp32, (V, d_c)
         self._cost_cache: torch.Tensor | None = None  # Ê on the logits' device / dtype
-        self._transport_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (Ê in transport dtype, self-cost)
+        self._transport_cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] | None = None  # dtype → (Ê, self-cost)
         if torch.is_tensor(cost_embedding):
             if cost_embedding.dim() != 2:
                 raise ValueError(f"EMO cost_embedding tensor must be 2-D (V×d_c), got shape {tuple(cost_embedding.shape)}")
@@ -286,10 +286,14 @@ class EmoObjective(Objective):
             dtype = torch.float64
         elif dtype is None:  # auto
             dtype = logits.dtype if logits.dtype in (torch.bfloat16, torch.float16) else torch.float32
-        cache = self._transport_cache
-        if cache is None or cache[0].device != cost.device or cache[0].dtype != dtype:
-            self._transport_cache = (cost.to(dtype), self_costs(cost))  # 1 − ê_v·ê_v: 0, or 1 for a zero row
-        return self._transport_cache
+        # One entry per transport dtype (a chunked step may see two), each built once: 1 − ê_v·ê_v
+        # is a float64 pass over Ê, far too costly to redo per call at a large vocabulary.
+        caches = self._transport_cache if isinstance(self._transport_cache, dict) else {}
+        entry = caches.get(dtype)
+        if entry is None or entry[0].device != cost.device:
+            entry = caches[dtype] = (cost.to(dtype), self_costs(cost))  # 1 − ê_v·ê_v: 0, or 1 for a zero row
+        self._transport_cache = caches
+        return entry
 
     def token_stats(self, logits, targets, extras=None):
         # D_i = 1 − ê_{y_i}·(Êᵀ q_i): a gather and one (n×V)(V×d_c) product, never a one-hot
