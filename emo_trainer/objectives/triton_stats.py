@@ -24,6 +24,7 @@ run these kernels on CPU with Triton's interpreter (``TRITON_INTERPRET=1`` and
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -140,6 +141,11 @@ def _row_grad_kernel(
 _JITTED: dict[bool, dict] = {}
 
 
+def _on(device: torch.device):
+    """Launch on the tensors' GPU even when another one is current (Triton uses the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _kernels() -> dict:
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if interpret not in _JITTED:
@@ -169,6 +175,7 @@ def row_stats(
     n, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
+    targets = targets.contiguous()  # the kernels index the 1-D vectors densely
     f32 = {"dtype": torch.float32, "device": logits.device}
     lse, ce = torch.empty(n, **f32), torch.empty(n, **f32)
     ent = torch.empty(n if want_entropy else 1, **f32)
@@ -178,10 +185,11 @@ def row_stats(
     if n == 0:
         return lse, ce, ent[:0], q_sum[:0], q_gold[:0]
     block, warps = _launch_config(vocab, os.environ.get("TRITON_INTERPRET") == "1")
-    _kernels()["stats"][(n,)](
-        logits, logits.stride(0), targets, lse, ce, ent, q, q.stride(0) if want_q else 0, q_sum, q_gold, vocab,
-        WANT_ENT=bool(want_entropy), WANT_Q=want_q, BLOCK=block, num_warps=warps,
-    )
+    with _on(logits.device):
+        _kernels()["stats"][(n,)](
+            logits, logits.stride(0), targets, lse, ce, ent, q, q.stride(0) if want_q else 0, q_sum, q_gold, vocab,
+            WANT_ENT=bool(want_entropy), WANT_Q=want_q, BLOCK=block, num_warps=warps,
+        )
     return lse, ce, ent if want_entropy else ent[:0], q_sum if want_q else q_sum[:0], q_gold if want_q else q_gold[:0]
 
 
@@ -209,17 +217,22 @@ def row_grad(
         return out
     if logits.stride(1) != 1:
         logits = logits.contiguous()
+    if out.stride(1) != 1 or (s is not None and s.stride(1) != 1):
+        raise ValueError("row_grad: `out` and `s` need unit stride along the vocabulary")
+    targets, lse = targets.contiguous(), lse.contiguous()
+    g_ce, a, g_d, s_gold, g_h, entropy = (None if t is None else t.contiguous() for t in (g_ce, a, g_d, s_gold, g_h, entropy))
     has_d, has_h = g_d is not None, g_h is not None
     if (has_d or has_h) and a is None:
         raise ValueError("row_grad: `a` is required with g_d or g_h")
     dummy = lse
     block, warps = _launch_config(vocab, os.environ.get("TRITON_INTERPRET") == "1")
-    _kernels()["grad"][(n,)](
-        logits, logits.stride(0), targets, lse,
-        dummy if g_ce is None else g_ce, dummy if a is None else a,
-        dummy if g_d is None else g_d, dummy if g_h is None else g_h, dummy if entropy is None else entropy,
-        dummy if s is None else s, s.stride(0) if has_d else 0, dummy if s_gold is None else s_gold,
-        out, out.stride(0), vocab,
-        HAS_CE=g_ce is not None, HAS_D=has_d, HAS_H=has_h, BLOCK=block, num_warps=warps,
-    )
+    with _on(logits.device):
+        _kernels()["grad"][(n,)](
+            logits, logits.stride(0), targets, lse,
+            dummy if g_ce is None else g_ce, dummy if a is None else a,
+            dummy if g_d is None else g_d, dummy if g_h is None else g_h, dummy if entropy is None else entropy,
+            dummy if s is None else s, s.stride(0) if has_d else 0, dummy if s_gold is None else s_gold,
+            out, out.stride(0), vocab,
+            HAS_CE=g_ce is not None, HAS_D=has_d, HAS_H=has_h, BLOCK=block, num_warps=warps,
+        )
     return out
