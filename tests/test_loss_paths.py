@@ -413,3 +413,33 @@ def test_chunked_emo_builds_its_transport_matrix_once(monkeypatch):
         out.loss.backward()
     assert len(made) == 1
     assert obj._transport(torch.zeros(1, 30, dtype=torch.bfloat16))[0].dtype == torch.bfloat16  # auto: bf16 products
+
+
+@pytest.mark.parametrize("vocab", [128, 130], ids=["aligned", "padded"])
+def test_chunked_head_padding_is_invisible(vocab):
+    """The chunk matmuls pad V to a multiple of 64 (fast GPU kernels); values and gradients are
+    those of the unpadded head, including the bias and its gradient."""
+    from emo_trainer.objectives import chunked, chunked_objective_loss, get_objective
+
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(2, 20, 8, generator=g)
+    weight = torch.randn(vocab, 8, generator=g)
+    bias = torch.randn(vocab, generator=g)
+    labels = torch.randint(0, vocab, (2, 20), generator=g)
+    w_pad, b_pad = chunked._padded_head(weight, bias, torch.float32)
+    assert w_pad.shape[0] % chunked.VOCAB_ALIGN == 0 and w_pad.shape[0] - vocab < chunked.VOCAB_ALIGN
+    assert (w_pad[vocab:] == 0).all() and (b_pad[vocab:] == 0).all()
+    for name in ("mle", "mile"):
+        obj = get_objective(name)
+        res = []
+        for path in ("full", "chunked"):
+            h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+            if path == "full":
+                out = obj(h @ w.T + b, labels)
+            else:
+                out = chunked_objective_loss(obj, h, w, labels, bias=b, chunk_size=16)
+            out.loss.backward()
+            res.append((out.loss.detach(), h.grad, w.grad, b.grad))
+        for a, c in zip(*res):
+            assert a.shape == c.shape
+            torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)

@@ -42,6 +42,27 @@ def _no_autocast(device: torch.device):
         return nullcontext()
 
 
+#: the head's rows are padded (with zeros) to a multiple of this for the chunk matmuls: an odd
+#: vocabulary (GPT-2's 50257) makes cuBLAS fall back to slow kernels (on an H100, a ~6× slower
+#: sm75 kernel for the logits product); the padded columns are sliced off before the statistics.
+VOCAB_ALIGN = 64
+
+
+def _padded_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    """(W, b) in ``dtype`` with V rounded up to ``VOCAB_ALIGN`` rows of zeros (no copy when nothing changes)."""
+    vocab = weight.shape[0]
+    rows = -(-vocab // VOCAB_ALIGN) * VOCAB_ALIGN
+    if rows == vocab:
+        return weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
+    w = weight.new_zeros((rows, weight.shape[1]), dtype=dtype)
+    w[:vocab].copy_(weight.detach())
+    b = None
+    if bias is not None:
+        b = bias.new_zeros(rows, dtype=dtype)
+        b[:vocab].copy_(bias.detach())
+    return w, b
+
+
 def _stats_input(objective: Objective, logits: torch.Tensor) -> torch.Tensor:
     # The same logits token_stats gets on the full path (Objective.__call__).
     if objective.fp32_math_inside and logits.dtype in (torch.bfloat16, torch.float16):
@@ -68,12 +89,13 @@ class _ChunkedStats(torch.autograd.Function):
         n = hidden.shape[0]
         outs = {name: hidden.new_empty((n, *shape), dtype=torch.float32) for name, shape in zip(names, shapes)}
         row_stats = []  # per chunk: the fused statistics' row vectors, replayed in backward
+        vocab = weight.shape[0]
         with torch.no_grad(), _no_autocast(hidden.device):
-            w = weight.to(mm_dtype)
-            b = None if bias is None else bias.to(mm_dtype)
+            w, b = _padded_head(weight, bias, mm_dtype)
             for start in range(0, n, chunk_size):
                 sl = slice(start, min(start + chunk_size, n))
-                logits = _stats_input(objective, F.linear(hidden[sl].to(mm_dtype), w, b))
+                # a (rows × V) view of the aligned (rows × V_pad) product: the statistics read rows with a stride
+                logits = _stats_input(objective, F.linear(hidden[sl].to(mm_dtype), w, b)[:, :vocab])
                 row_stats.append([])
                 with row_stats_cache(row_stats[-1]):
                     stats = objective.token_stats(logits, targets[sl], {k: v[sl] for k, v in pos_extras.items()})
@@ -97,18 +119,19 @@ class _ChunkedStats(torch.autograd.Function):
         if not (need_h or need_w or need_b) or all(g is None for g in grads):
             return (grad_h,) + (None,) * 8
         mm_dtype = ctx.mm_dtype
-        # fp32 accumulators for the sums over chunks (the parameters may be bf16).
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        n = hidden.shape[0]
+        n, vocab = hidden.shape[0], weight.shape[0]
         with _no_autocast(hidden.device):
-            w = weight.detach().to(mm_dtype)
-            b = None if bias is None else bias.detach().to(mm_dtype)
+            w, b = _padded_head(weight, bias, mm_dtype)
+            rows = w.shape[0]
+            # fp32 accumulators for the sums over chunks (the parameters may be bf16), padded like W
+            grad_w = torch.zeros((rows, weight.shape[1]), dtype=torch.float32, device=weight.device) if need_w else None
+            grad_b = torch.zeros(rows, dtype=torch.float32, device=weight.device) if need_b else None
+            g_pad = None  # (rows × V_pad) d logits with zero padding columns: aligned K for the two matmuls
             for start in range(0, n, ctx.chunk_size):
                 sl = slice(start, min(start + ctx.chunk_size, n))
                 h = hidden[sl].detach().to(mm_dtype)
                 with torch.no_grad():
-                    logits = _stats_input(ctx.objective, F.linear(h, w, b))
+                    logits = _stats_input(ctx.objective, F.linear(h, w, b)[:, :vocab]).detach()
                 logits.requires_grad_(True)
                 with torch.enable_grad(), row_stats_cache(ctx.row_stats[start // ctx.chunk_size], replay=True):
                     stats = ctx.objective.token_stats(
@@ -125,7 +148,13 @@ class _ChunkedStats(torch.autograd.Function):
                 del stats, outs, logits
                 if g_logits is None:
                     continue
-                g_logits = g_logits.to(mm_dtype)
+                if rows != vocab:
+                    if g_pad is None or g_pad.shape[0] != g_logits.shape[0]:
+                        g_pad = torch.zeros((g_logits.shape[0], rows), dtype=mm_dtype, device=g_logits.device)
+                    g_pad[:, :vocab].copy_(g_logits)
+                    g_logits = g_pad
+                else:
+                    g_logits = g_logits.to(mm_dtype)
                 if need_h:
                     grad_h[sl] = g_logits @ w
                 if need_w:
@@ -136,8 +165,8 @@ class _ChunkedStats(torch.autograd.Function):
                 if need_b:
                     grad_b += g_logits.sum(0, dtype=torch.float32)
                 del g_logits
-        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
-        grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
+        grad_w = grad_w[:vocab].to(weight.dtype) if grad_w is not None else None
+        grad_b = grad_b[:vocab].to(bias.dtype) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
