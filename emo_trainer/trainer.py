@@ -136,17 +136,22 @@ class ObjectiveTrainer(Trainer):
         model_inputs, loss_inputs = self.objective.split_batch(model, inputs)
         labels = loss_inputs.pop("labels")
         outputs = None
-        if self.loss_path == "chunked" and self._chunked_supported(model):
-            with _hidden_states_as_logits(self._unwrapped(model)):
+        deferred = self.objective.defer_metrics
+        self.objective.defer_metrics = True  # diagnostics stay on the device until `log` reads them
+        try:
+            if self.loss_path == "chunked" and self._chunked_supported(model):
+                with _hidden_states_as_logits(self._unwrapped(model)):
+                    outputs = model(**model_inputs, use_cache=False)
+                head = self._unwrapped(model).get_output_embeddings()
+                out = chunked_objective_loss(
+                    self.objective, outputs.logits, head.weight, labels, num_items_in_batch,
+                    bias=getattr(head, "bias", None), chunk_size=self.chunk_size, **loss_inputs,
+                )
+            else:
                 outputs = model(**model_inputs, use_cache=False)
-            head = self._unwrapped(model).get_output_embeddings()
-            out = chunked_objective_loss(
-                self.objective, outputs.logits, head.weight, labels, num_items_in_batch,
-                bias=getattr(head, "bias", None), chunk_size=self.chunk_size, **loss_inputs,
-            )
-        else:
-            outputs = model(**model_inputs, use_cache=False)
-            out = self.objective(outputs.logits, labels, num_items_in_batch, **loss_inputs)
+                out = self.objective(outputs.logits, labels, num_items_in_batch, **loss_inputs)
+        finally:
+            self.objective.defer_metrics = deferred
         loss = out.loss
         if not torch.isfinite(loss.detach()).all():
             loss = self._handle_nonfinite(model, out)
@@ -155,7 +160,7 @@ class ObjectiveTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _handle_nonfinite(self, model, out):
-        bad = [k for k, v in out.metrics.items() if not math.isfinite(v)]
+        bad = [k for k, v in out.metrics.items() if not math.isfinite(float(v))]
         where = f"step {self.state.global_step}, objective '{self.objective.name}'"
         term = f"non-finite term(s): {', '.join(bad)}" if bad else "non-finite total loss"
         if self.on_nonfinite == "raise":
@@ -230,7 +235,7 @@ class ObjectiveTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs else "eval"
         if mode == "train":
-            merged = {k: sum(v) / len(v) for k, v in self._metrics["train"].items() if v}
+            merged = _window_means(self._metrics["train"])
             logs.update({k: v for k, v in merged.items() if k not in logs})
             if self._skipped_batches:
                 logs["skipped_batches"] = self._skipped_batches
@@ -293,6 +298,29 @@ class _ObjectiveHooks(TrainerCallback):
 
 
 # --------------------------------------------------------------------------- helpers
+def _window_means(metrics: dict[str, list]) -> dict[str, float]:
+    """Mean of each metric over the logging window.
+
+    Values are floats or detached 0-d tensors (``Objective.defer_metrics``); the tensors are
+    read here, with one host transfer per device for the whole window, as the same floats
+    ``float(t)`` would give (float64 holds every fp32/bf16/int value exactly).
+    """
+    tensors = [x for v in metrics.values() for x in v if torch.is_tensor(x)]
+    read: dict[int, float] = {}
+    by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+    for x in tensors:
+        by_device[x.device].append(x)
+    for xs in by_device.values():
+        for x, f in zip(xs, torch.stack([x.detach().reshape(()).double() for x in xs]).tolist()):
+            read[id(x)] = f
+    out = {}
+    for k, v in metrics.items():
+        if v:
+            floats = [read[id(x)] if torch.is_tensor(x) else float(x) for x in v]
+            out[k] = sum(floats) / len(floats)
+    return out
+
+
 def _rotate(trainer: Trainer, run_dir: str, limit: int) -> None:
     """Keep the newest ``limit`` checkpoints (by step; the best one is kept too).
 

@@ -46,8 +46,9 @@ class ObjectiveOutput:
 
     Attributes:
         loss: scalar tensor to call ``backward()`` on (already normalised).
-        metrics: diagnostics of this micro-batch as plain floats (e.g. ``{"ce": 2.3, "demd": 0.4}``).
-        num_valid: number of valid target tokens in this micro-batch.
+        metrics: diagnostics of this micro-batch as plain floats (e.g. ``{"ce": 2.3, "demd": 0.4}``);
+            detached 0-d tensors when the objective's ``defer_metrics`` is set.
+        num_valid: number of valid target tokens in this micro-batch (a 0-d tensor with ``defer_metrics``).
     """
 
     loss: torch.Tensor
@@ -95,6 +96,10 @@ class Objective:
     #: ``token_stats`` upcasts internally (fp32 math from bf16/fp16 logits): both loss paths then
     #: pass low-precision logits as they are instead of making an fp32 N×V copy first.
     fp32_math_inside: ClassVar[bool] = False
+    #: ``finish`` keeps the diagnostics as detached 0-d tensors and ``num_valid`` as a 0-d tensor
+    #: instead of reading them on the host: no host↔device synchronisation per micro-batch.
+    #: ``ObjectiveTrainer`` sets it while it computes a training loss and reads the values when it logs.
+    defer_metrics: bool = False
 
     def __init__(self) -> None:
         self.average_tokens_across_devices = False
@@ -195,9 +200,13 @@ class Objective:
     ) -> ObjectiveOutput:
         """Combine statistics and reduce (shared by the full-logit and chunked paths)."""
         loss_sum, metrics = self.combine(stats, valid, extras or {})
-        n_valid = int(valid.sum())
+        if self.defer_metrics:  # no host read: tensors stay where they are (see ``defer_metrics``)
+            n_valid = valid.sum()
+            out_metrics = {k: (v.detach() if torch.is_tensor(v) else float(v)) for k, v in metrics.items()}
+        else:
+            n_valid = int(valid.sum())
+            out_metrics = {k: (float(v.detach()) if torch.is_tensor(v) else float(v)) for k, v in metrics.items()}
         loss = reduce_loss(loss_sum, n_valid, num_items_in_batch, self.average_tokens_across_devices)
-        out_metrics = {k: (float(v.detach()) if torch.is_tensor(v) else float(v)) for k, v in metrics.items()}
         return ObjectiveOutput(loss=loss, metrics=out_metrics, num_valid=n_valid)
 
     def __repr__(self) -> str:
@@ -207,7 +216,7 @@ class Objective:
 
 def reduce_loss(
     loss_sum: torch.Tensor,
-    n_valid: int,
+    n_valid: int | torch.Tensor,
     num_items_in_batch: int | torch.Tensor | None,
     average_tokens_across_devices: bool = False,
 ) -> torch.Tensor:
@@ -220,6 +229,8 @@ def reduce_loss(
     A micro-batch without valid targets gives a differentiable zero.
     """
     if num_items_in_batch is None:
+        if torch.is_tensor(n_valid):  # a 0-d count (``defer_metrics``): same quotient, no host read
+            return loss_sum / n_valid.clamp_min(1)
         return loss_sum / max(n_valid, 1)
     if torch.is_tensor(num_items_in_batch):
         denom = num_items_in_batch.to(loss_sum.device, torch.float32).clamp_min(1.0)
