@@ -40,6 +40,7 @@ import torch
 IGNORE_INDEX = -100  # as in objectives.base (not imported: objectives import this module)
 
 NEVER = 2**62  # death index of a node that is never deleted
+MASK_ALIGN = 16  # row stride (elements) of the additive mask, see additive_ancestor_mask
 
 __all__ = [
     "NEVER",
@@ -453,14 +454,18 @@ def additive_ancestor_mask(
     nodes that die inside the window (``death < T``: deleted noise, padding, earlier packed
     trajectories) are rewritten, each as "visible for k ≤ q < death[k]".  Columns of nodes that
     never die are exactly causal.  The indices are computed on the host, so nothing here waits
-    for the device.
+    for the device.  Each (T, T) row block is laid out with a row stride rounded up to
+    ``MASK_ALIGN`` elements (a view of a slightly wider buffer: same values, aligned rows).
     """
     death = death.cpu()
     b, t = death.shape
     neg = torch.finfo(dtype).min
     dev = torch.device("cpu") if device is None else torch.device(device)
     causal = torch.full((t, t), neg, dtype=dtype, device=dev).triu_(1)  # 0 on and below the diagonal
-    mask = torch.empty((b, 1, t, t), dtype=dtype, device=dev)
+    # Rows start at multiples of MASK_ALIGN elements (the view drops the unused tail of each row):
+    # SDPA's memory-efficient kernel otherwise pads a copy of the mask in every layer.
+    stride = -(-t // MASK_ALIGN) * MASK_ALIGN
+    mask = torch.empty((b, 1, t, stride), dtype=dtype, device=dev)[..., :t]
     mask.copy_(causal)
     dying = death < t
     if bool(dying.any()):
