@@ -330,19 +330,22 @@ class SequenceMatchObjective(Objective):
         if not model.training or self.in_warmup():
             return super().split_batch(model, batch)
         self._ensure_setup(model)
-        input_ids = batch["input_ids"]
+        device = batch["input_ids"].device
         attention_mask = batch.get("attention_mask")
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("sequencematch expects a 2-D padding attention_mask in the data batch")
-        pos = batch.get("position_ids")
+        # The augmentation runs on the host: one device→host copy of the batch (the step's only
+        # synchronisation, before any of its device work is queued); every check below is on it.
+        input_ids, attention_mask, labels, pos = _to_host(
+            batch["input_ids"], attention_mask, batch.get("labels"), batch.get("position_ids"))
         if pos is not None:
-            default = torch.arange(input_ids.shape[1], device=pos.device).expand_as(input_ids)
+            default = torch.arange(input_ids.shape[1]).expand_as(input_ids)
             if attention_mask is not None:
                 default = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-            if not torch.equal(pos.to(default.device), default):
+            if not torch.equal(pos, default):
                 raise ValueError("sequencematch does not support packed rows with custom position_ids")
         data = augment_batch(
-            input_ids, batch.get("labels"), attention_mask, backspace_id=self.backspace_id,
+            input_ids, labels, attention_mask, backspace_id=self.backspace_id,
             noise_rate=self.noise_rate, noise=self.noise, eos_token_id=self.eos_token_id,
             terminal_mode=self.terminal_mode, generator=self._generator(),
         )
@@ -358,10 +361,8 @@ class SequenceMatchObjective(Objective):
             ]
             if self.pack_samples and sampled:
                 sampled = pack_tapes(sampled, capacity=int(data.length.max()))
-        base = unwrap_model(model)
-        dtype = base.dtype if base.dtype.is_floating_point else torch.float32
-        return collate_tapes(sampled, data=data, gamma=self.gamma, pad_token_id=self.pad_token_id, dtype=dtype,
-                             device=input_ids.device)
+        return collate_tapes(sampled, data=data, gamma=self.gamma, pad_token_id=self.pad_token_id,
+                             dtype=_mask_dtype(unwrap_model(model), device), device=device)
 
     # ------------------------------------------------------------------ formula
     def token_stats(self, logits, targets, extras=None):
@@ -437,6 +438,35 @@ class SequenceMatchObjective(Objective):
         return loss_sum, metrics
 
 
+def _to_host(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """CPU int64 copies of same-shape integer/bool tensors (None stays None), with ONE device→host
+    transfer for all of them (each ``.cpu()`` of a device tensor would wait for the device)."""
+    present = [t for t in tensors if t is not None]
+    if not present or all(t.device.type == "cpu" for t in present):
+        return [None if t is None else t.detach().long() for t in tensors]
+    if len({tuple(t.shape) for t in present}) > 1:  # not stackable: one copy each
+        return [None if t is None else t.detach().long().cpu() for t in tensors]
+    host = iter(torch.stack([t.detach().long() for t in present]).cpu().unbind(0))
+    return [None if t is None else next(host) for t in tensors]
+
+
+def _mask_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
+    """dtype of the additive tree mask: the one attention will use, so it is never converted.
+
+    Under autocast, SDPA is a lower-precision op: a float32 mask would be cast to the autocast
+    dtype by every layer (a full (B, T, T) copy each), so the mask is built in that dtype once.
+    Hidden entries are that dtype's minimum; the softmax gives them exactly 0 either way (every
+    node sees itself), so attention computes the same values.
+    """
+    dtype = model.dtype if model.dtype.is_floating_point else torch.float32
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+    except (TypeError, RuntimeError, AttributeError):  # device types without autocast support
+        pass
+    return dtype
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -491,12 +521,13 @@ class _PolicyStats(torch.autograd.Function):
         V_wo = m + log S,   lse = m + logaddexp(log S, z_bk − m),   CE = (lse − m) − (z_y − m),
 
     exact and stable however much mass ``<bkspc>`` holds (no cancellation, no recomputed rows).
-    Forward: per block one max, one upcasting subtract, one in-place exp, one sum.  Backward: the
-    gradient off the special columns is exp(z − V)·(g_CE·exp(V − lse) + g_V) (every factor ≤ 1
-    in magnitude times the incoming gradients), written straight into a tensor of the logits'
-    dtype (one subtract, one in-place exp, one multiply that stores in that dtype); the few
-    special columns (target, actions, ``<bkspc>``) are then overwritten with their exact values.
-    No host↔device synchronisation.
+    Forward: one max over all rows, then per block one upcasting subtract, one in-place exp, one
+    sum; the per-row arithmetic runs once on (N,) vectors.  Backward: the gradient off the special
+    columns is exp(z − V)·(g_CE·exp(V − lse) + g_V) (every factor ≤ 1 in magnitude times the
+    incoming gradients), written straight into a tensor of the logits' dtype (per block one
+    subtract, one in-place exp, one multiply that stores in that dtype); the few special columns
+    (target, actions, ``<bkspc>``) of all rows are then overwritten with their exact values in one
+    pass.  Few Python-level ops per block (the step's host time) and no host↔device synchronisation.
     """
 
     @staticmethod
@@ -504,21 +535,22 @@ class _PolicyStats(torch.autograd.Function):
         with _no_autocast(logits.device):
             n, vocab = logits.shape
             ct = _compute_dtype(logits.dtype)
-            lse, v, ce = (torch.empty(n, dtype=ct, device=logits.device) for _ in range(3))
+            # Per-row work once for all rows; the loop keeps only the N×V passes (3 ops a block).
+            m = _max_without(logits, bk).to(ct)
+            t_gold = logits.gather(1, targets[:, None]).squeeze(1).to(ct) - m  # z_y − m
+            t_bk = logits[:, bk].to(ct) - m
+            log_s = torch.empty(n, dtype=ct, device=logits.device)
             for sl in _row_blocks(n, vocab, block_elements):
-                z = logits[sl]
-                m = _max_without(z, bk).to(ct)
-                t = _sub_upcast(z, m)  # z − m in the compute dtype
-                t_gold = t.gather(1, targets[sl, None]).squeeze(1)
-                t_bk = t[:, bk].clone()
+                t = _sub_upcast(logits[sl], m[sl])  # z − m in the compute dtype
                 t.exp_()
                 t[:, bk] = 0.0
-                log_s = t.sum(-1).log()
-                rel = torch.logaddexp(log_s, t_bk)  # lse − m
-                lse[sl] = m + rel
-                v[sl] = m + torch.where(bk_allowed[sl], rel, log_s)
-                ce[sl] = rel - t_gold
+                torch.sum(t, -1, out=log_s[sl])
                 del t
+            log_s.log_()
+            rel = torch.logaddexp(log_s, t_bk)  # lse − m
+            lse = m + rel
+            v = m + torch.where(bk_allowed, rel, log_s)
+            ce = rel - t_gold
             valid = actions >= 0
             q = torch.where(valid, logits.gather(1, actions.clamp_min(0)).to(ct), torch.zeros((), dtype=ct, device=logits.device))
         ctx.save_for_backward(logits, targets, actions, bk_allowed, lse, v)
@@ -549,25 +581,23 @@ class _PolicyStats(torch.autograd.Function):
         valid = actions >= 0
         cols = torch.cat([targets[:, None], torch.where(valid, actions, targets[:, None]), torch.full_like(targets[:, None], bk)], 1)
         extra = torch.cat([-g_ce[:, None], torch.where(valid, g_q, torch.zeros_like(g_q)), torch.zeros_like(g_ce[:, None])], 1)
+        # ∂CE/∂z = softmax − onehot(y); ∂V/∂z = the policy over the allowed actions
+        # = exp(z − V) off <bkspc>, and on it exp(z_bk − lse) where allowed (V = lse), 0 where masked.
+        coef = g_ce * torch.exp(v - lse) + g_v
         grad = torch.empty_like(logits)
-        for sl in _row_blocks(n, vocab, ctx.block_elements):
-            z, gce, gv, vv, ll = logits[sl], g_ce[sl], g_v[sl], v[sl], lse[sl]
-            # ∂CE/∂z = softmax − onehot(y); ∂V/∂z = the policy over the allowed actions
-            # = exp(z − V) off <bkspc>, and on it exp(z_bk − lse) where allowed (V = lse), 0 where masked.
-            coef = gce * torch.exp(vv - ll) + gv
-            u = _sub_upcast(z, vv)
+        for sl in _row_blocks(n, vocab, ctx.block_elements):  # the N×V passes only: 3 ops a block
+            u = _sub_upcast(logits[sl], v[sl])
             u.exp_()
-            g = grad[sl]
-            _mul_into(g, u, coef)  # one rounding into the logits' dtype
+            _mul_into(grad[sl], u, coef[sl])  # one rounding into the logits' dtype
             del u
-            c = cols[sl]
-            zc = z.gather(1, c).to(ct)
-            p_bk = torch.exp(z[:, bk].to(ct) - ll)
-            bk_val = p_bk * (gce + torch.where(bk_allowed[sl], gv, torch.zeros_like(gv)))
-            base = torch.where(c == bk, bk_val[:, None], torch.exp(zc - vv[:, None]) * coef[:, None])
-            same = (c[:, :, None] == c[:, None, :]).to(ct)
-            total = base + torch.bmm(same, extra[sl, :, None]).squeeze(2)  # duplicates get the same total
-            g[torch.arange(c.shape[0], device=c.device)[:, None], c] = total.to(g.dtype)  # index_put: no sync
+        # The special columns of every row at once (N×(K+2) values), overwritten with their exact values.
+        zc = logits.gather(1, cols).to(ct)
+        p_bk = torch.exp(logits[:, bk].to(ct) - lse)
+        bk_val = p_bk * (g_ce + torch.where(bk_allowed, g_v, torch.zeros_like(g_v)))
+        base = torch.where(cols == bk, bk_val[:, None], torch.exp(zc - v[:, None]) * coef[:, None])
+        same = (cols[:, :, None] == cols[:, None, :]).to(ct)
+        total = base + torch.bmm(same, extra[:, :, None]).squeeze(2)  # duplicates get the same total
+        grad[torch.arange(n, device=dev)[:, None], cols] = total.to(grad.dtype)  # index_put: no sync
         return grad, None, None, None, None, None
 
 
