@@ -442,8 +442,6 @@ def _to_host(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     """CPU int64 copies of same-shape integer/bool tensors (None stays None), with ONE device→host
     transfer for all of them (each ``.cpu()`` of a device tensor would wait for the device)."""
     present = [t for t in tensors if t is not None]
-    if not present or all(t.device.type == "cpu" for t in present):
-        return [None if t is None else t.detach().long() for t in tensors]
     if len({tuple(t.shape) for t in present}) > 1:  # not stackable: one copy each
         return [None if t is None else t.detach().long().cpu() for t in tensors]
     host = iter(torch.stack([t.detach().long() for t in present]).cpu().unbind(0))
