@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from .attention import without_cudnn_sdpa
 from .backspace import BACKSPACE_TOKEN, backspace_token_id, unwrap_model
 
 __all__ = [
@@ -124,6 +125,7 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     return logits
 
 
+@without_cudnn_sdpa  # tree masks of changing length (emo_trainer/attention.py)
 @torch.no_grad()
 def generate_with_backspace(
     model: torch.nn.Module,

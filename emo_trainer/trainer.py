@@ -140,7 +140,7 @@ class ObjectiveTrainer(Trainer):
         self.objective.defer_metrics = True  # diagnostics stay on the device until `log` reads them
         try:
             if self.loss_path == "chunked" and self._chunked_supported(model):
-                with _hidden_states_as_logits(self._unwrapped(model)):
+                with _hidden_states_as_logits(self._unwrapped(model)), self.objective.forward_context():
                     outputs = model(**model_inputs, use_cache=False)
                 head = self._unwrapped(model).get_output_embeddings()
                 out = chunked_objective_loss(
@@ -148,7 +148,8 @@ class ObjectiveTrainer(Trainer):
                     bias=getattr(head, "bias", None), chunk_size=self.chunk_size, **loss_inputs,
                 )
             else:
-                outputs = model(**model_inputs, use_cache=False)
+                with self.objective.forward_context():
+                    outputs = model(**model_inputs, use_cache=False)
                 out = self.objective(outputs.logits, labels, num_items_in_batch, **loss_inputs)
         finally:
             self.objective.defer_metrics = deferred

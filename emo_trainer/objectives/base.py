@@ -24,6 +24,7 @@ All loss math runs in fp32, whatever the dtype of the logits.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -135,6 +136,11 @@ class Objective:
 
     def on_step_begin(self, model: torch.nn.Module, step: int) -> None:
         """Called before each optimizer step's first micro-batch."""
+
+    def forward_context(self) -> AbstractContextManager:
+        """Context the trainer enters around the model's training forward (and the backward that
+        follows it runs the kernels chosen there); default: nothing."""
+        return nullcontext()
 
     #: Keys of a collated batch that go to ``model(...)``; everything else goes to the loss.
     model_input_keys: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "position_ids", "token_type_ids")

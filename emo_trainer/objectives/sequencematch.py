@@ -66,6 +66,7 @@ from typing import Any
 
 import torch
 
+from ..attention import sdpa_without_cudnn
 from ..backspace import BACKSPACE_TOKEN, add_backspace_token, backspace_token_id, strip_backspace_logits, unwrap_model
 from ..backspace_generation import check_custom_mask_support, sample_continuations_with_backspace
 from ..backspace_tree import NoiseSampler, augment_batch, collate_tapes, model_tape, pack_tapes
@@ -227,6 +228,11 @@ class SequenceMatchObjective(Objective):
     #: The evaluation sampler for models trained with this objective (the ``Sampler`` protocol of
     #: :mod:`emo_trainer.generation`): backspace enabled, final text with deletions applied.
     generation_sampler = staticmethod(sample_continuations_with_backspace)
+
+    def forward_context(self):
+        """The training forward sees a tree mask whose length changes every step: keep SDPA off
+        cuDNN, which rebuilds its graph per call for such masks (``emo_trainer/attention.py``)."""
+        return sdpa_without_cudnn()
 
     def prepare_model(self, model: torch.nn.Module, tokenizer: Any) -> int:
         """Add ``<bkspc>`` when the model is built, before the optimizer exists; returns its id."""
