@@ -64,7 +64,9 @@ def _tagged(x) -> bool:
 def _where() -> str:
     """The innermost frame of this repository's code (or the caller's), as path:line."""
     frames = [f for f in traceback.extract_stack()[:-3] if "sync_audit" not in f.name]
-    ours = [f for f in frames if f.filename.startswith(_REPO) and "/tests/" not in f.filename]
+    # the project's own code: under the repository, but not a virtualenv inside it (CI's .ci-venv)
+    ours = [f for f in frames if f.filename.startswith(_REPO) and "/tests/" not in f.filename
+            and "site-packages" not in f.filename]
     f = (ours or frames)[-1]
     return f"{os.path.relpath(f.filename, _REPO)}:{f.lineno} ({f.name})"
 
