@@ -124,8 +124,9 @@ class ObjectiveConfig:
 
     #: One of ``mle``, ``emo``, ``mixce``, ``mile``, ``sequencematch``.
     name: str = "mle"
-    #: ``full`` (logits of the whole batch, fastest) or ``chunked`` (from hidden states in token
-    #: chunks, recomputed in backward: never holds N×V logits; for memory).
+    #: ``full`` (the model computes the logits of the whole batch) or ``chunked`` (from hidden
+    #: states in token chunks, recomputed in backward: never holds N×V logits; on GPUs with an
+    #: odd vocabulary such as GPT-2's also the faster one — docs/performance.md).
     loss_path: Literal["full", "chunked"] = "full"
     #: Tokens per chunk on the chunked path.
     chunk_size: int = 2048
