@@ -206,3 +206,17 @@ def test_fused_module_uses_the_kernels_only_when_usable(monkeypatch):
     monkeypatch.setattr(triton_stats, "row_stats", lambda *a, **k: pytest.fail("Triton used on CPU"))
     z64, y, e_hat, _ = _data(n=4)
     fused.softmax_stats(z64.float(), y, entropy=True, cost=e_hat.float())
+
+
+def test_transport_operands_are_padded_and_cached():
+    """EMO's kernel path pads Ê to a multiple of 64 rows (aligned GEMMs for odd vocabularies),
+    once per cost tensor, and again only if the tensor is modified in place."""
+    cost = torch.randn(300, 8)
+    padded = fused._padded_cost(cost)
+    assert padded.shape == (320, 8) and torch.equal(padded[:300], cost) and (padded[300:] == 0).all()
+    assert fused._padded_cost(cost) is padded  # cached
+    cost.mul_(2.0)  # a live cost embedding renormalised in place
+    again = fused._padded_cost(cost)
+    assert again is not padded and torch.equal(again[:300], cost)
+    aligned = torch.randn(128, 8)
+    assert fused._padded_cost(aligned) is aligned

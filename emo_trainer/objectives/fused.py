@@ -34,6 +34,7 @@ import threading
 from contextlib import contextmanager, nullcontext
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import triton_stats
 
@@ -221,6 +222,27 @@ class _SoftmaxStats(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+#: EMO's two transport products have the vocabulary as an inner/leading dimension; an odd V
+#: (GPT-2's 50257) sends cuBLAS to slow fallback kernels (as measured for the head matmul in
+#: chunked.py), so on the kernel path Ê and the (rows × V) operands are padded to this multiple.
+TRANSPORT_ALIGN = 64
+_padded_costs = WeakIdKeyDictionary()  # cost tensor (by identity) → (its version, padded copy)
+
+
+def _padded_cost(cost: torch.Tensor) -> torch.Tensor:
+    """Ê with zero rows appended up to a multiple of ``TRANSPORT_ALIGN`` (cached per cost tensor)."""
+    vocab = cost.shape[0]
+    rows = -(-vocab // TRANSPORT_ALIGN) * TRANSPORT_ALIGN
+    if rows == vocab:
+        return cost
+    hit = _padded_costs.get(cost)
+    if hit is None or hit[0] != cost._version:
+        padded = cost.new_zeros((rows, cost.shape[1]))
+        padded[:vocab].copy_(cost)
+        hit = _padded_costs[cost] = (cost._version, padded)
+    return hit[1]
+
+
 def _forward_triton(logits, targets, cost, self_cost, want_entropy, block_elements):
     """``_SoftmaxStats`` forward with the Triton kernels (one read of the logits; EMO: two)."""
     n, vocab = logits.shape
@@ -230,13 +252,15 @@ def _forward_triton(logits, targets, cost, self_cost, want_entropy, block_elemen
     lse, ce = logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
     entropy = logits.new_empty(n if want_entropy else 0, dtype=torch.float32)
     demd_raw = logits.new_empty(n, dtype=torch.float32)
+    cost_pad = _padded_cost(cost)
     for sl in _blocks(n, vocab, block_elements):  # q' (rows×V) is the one temporary: bounded by the blocks
         y = targets[sl]
-        q = torch.empty((sl.stop - sl.start, vocab), dtype=cost.dtype, device=logits.device)
-        lse[sl], ce[sl], ent, q_sum, q_gold = triton_stats.row_stats(logits[sl], y, want_entropy, q_out=q)
+        q = torch.empty((sl.stop - sl.start, cost_pad.shape[0]), dtype=cost.dtype, device=logits.device)
+        q[:, vocab:].zero_()  # the padding columns meet Ê's zero rows
+        lse[sl], ce[sl], ent, q_sum, q_gold = triton_stats.row_stats(logits[sl], y, want_entropy, q_out=q[:, :vocab])
         if want_entropy:
             entropy[sl] = ent
-        moved = (q @ cost).float()  # Êᵀq' (rows×d_c), in the cost's dtype, fp32 accumulation
+        moved = (q @ cost_pad).float()  # Êᵀq' (rows×d_c), in the cost's dtype, fp32 accumulation
         demd_raw[sl] = q_sum - (moved * cost[y].float()).sum(-1) + q_gold * self_cost[y]
         del q, moved
     return lse, ce, entropy, demd_raw
@@ -259,12 +283,13 @@ def _backward_triton(ctx, logits, targets, lse, entropy, demd_raw, g_ce, g_entro
     gd = g_demd.to(f32)
     a = (gce if gce is not None else torch.zeros_like(lse)) + gd * (1.0 - demd_raw)
     s_gold = 1.0 - ctx.self_cost[targets]  # ê_y·ê_y, as the forward pass used it
+    cost_pad = _padded_cost(cost)
     for sl in _blocks(n, vocab, ctx.block_elements):  # s (rows×V) is the one temporary
         y = targets[sl]
-        s = cost[y] @ cost.T  # ê_y·ê_k, in the cost's dtype: the backward's one product
+        s = cost[y] @ cost_pad.T  # ê_y·ê_k, in the cost's dtype: the backward's one product (aligned rows)
         triton_stats.row_grad(
             logits[sl], y, lse[sl], grad[sl], g_ce=None if gce is None else gce[sl], a=a[sl], g_d=gd[sl],
-            s=s, s_gold=s_gold[sl], g_h=None if gh is None else gh[sl], entropy=None if gh is None else entropy[sl],
+            s=s[:, :vocab], s_gold=s_gold[sl], g_h=None if gh is None else gh[sl], entropy=None if gh is None else entropy[sl],
         )
         del s
     return grad
