@@ -120,6 +120,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", action="store_true",
                    help="CUDA: double the batch until builtin / mle full / mle chunked run out of memory")
     p.add_argument("--max-batch-limit", type=int, default=256, help="largest batch tried by --max-batch")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile one more step of each case (torch.profiler; top ops by device "
+                        "and by host time) into <out>/profile-<case>.txt — how the cuDNN-attention and odd-"
+                        "vocabulary GEMM slowdowns in docs/performance.md were found")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="directory for benchmark.md and benchmark.json")
     return p
@@ -255,6 +259,25 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _profile_step(r: "Runner", device, out: str | None) -> None:
+    """One profiled step of ``r``: the top ops by device time and by host time (``--profile``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        r.step()
+        _sync(device)
+    table = prof.key_averages()
+    keys = (["cuda_time_total"] if device.type == "cuda" else []) + ["cpu_time_total"]
+    text = "\n\n".join(f"== {r.case.name}: top ops by {k}\n" + table.table(sort_by=k, row_limit=25, max_name_column_width=70)
+                        for k in keys)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"profile-{r.case.name.replace('/', '_')}.txt").write_text(text)
+    else:
+        print(text, file=sys.stderr)
+
+
 def _cpu_peak_bytes(step: Callable[[], None]) -> float:
     """Peak of the running sum of torch's CPU allocations and frees during one ``step``.
 
@@ -368,6 +391,8 @@ def measure_cuda(cases, shape, args, device, batch_size, seq, steps, warmup) -> 
                 base = torch.cuda.memory_allocated(device)
                 r.times = [_timed(r, device) for _ in range(_case_steps(case, steps))]
                 res.peak_extra_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+                if args.profile:
+                    _profile_step(r, device, args.out)
                 res = _finish(r)
                 del r
         except ImportError as e:
@@ -409,6 +434,8 @@ def measure_cpu(cases, shape, args, device, batch_size, seq, steps, warmup) -> l
                     r.times.append(_timed(r, device))
         for r in runners:
             res = _finish(r)
+            if args.profile:
+                _profile_step(r, device, args.out)
             try:
                 res.peak_extra_mib = _cpu_peak_bytes(r.step) / 2**20
             except Exception as e:  # noqa: BLE001 - keep the timing
