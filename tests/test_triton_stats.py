@@ -220,3 +220,28 @@ def test_transport_operands_are_padded_and_cached():
     assert again is not padded and torch.equal(again[:300], cost)
     aligned = torch.randn(128, 8)
     assert fused._padded_cost(aligned) is aligned
+
+
+def test_a_triton_that_cannot_build_falls_back_once(interpret, monkeypatch, caplog):
+    """First launch fails (e.g. no backend for this GPU): one warning, the PyTorch code, kernels off.
+    A failure after the kernels have worked is raised, not hidden."""
+    import logging
+
+    monkeypatch.setitem(triton_stats._state, "worked", False)
+    monkeypatch.setitem(triton_stats._state, "disabled", False)
+
+    def broken():
+        raise RuntimeError("no Triton backend for this device")
+
+    monkeypatch.setattr(triton_stats, "_kernels", broken)
+    z64, y, e_hat, _ = _data(n=5)
+    with caplog.at_level(logging.WARNING, logger="emo_trainer.objectives.triton_stats"):
+        got = softmax_stats(z64.float(), y, entropy=True)
+    assert "failed" in caplog.text and triton_stats._state["disabled"]
+    ref = _reference(z64.float().double(), y)
+    torch.testing.assert_close(got["ce"].double(), ref["ce"], rtol=1e-5, atol=1e-6)
+    assert not triton_stats.usable(z64.float())
+    monkeypatch.setitem(triton_stats._state, "disabled", False)
+    monkeypatch.setitem(triton_stats._state, "worked", True)  # they ran before: a new failure is real
+    with pytest.raises(RuntimeError, match="no Triton backend"):
+        softmax_stats(z64.float(), y)

@@ -116,10 +116,15 @@ class _SoftmaxStats(torch.autograd.Function):
             _cache.pos += 1
             return _SoftmaxStats._finish(ctx, logits, targets, cost, self_cost, block_elements, lse, ce, entropy, demd_raw)
         if triton_stats.usable(logits):
-            lse, ce, entropy, demd_raw = _forward_triton(logits, targets, cost, self_cost, want_entropy, block_elements)
-            if _cache.mode == "record":
-                _cache.items.append((key, lse, ce, entropy, demd_raw))
-            return _SoftmaxStats._finish(ctx, logits, targets, cost, self_cost, block_elements, lse, ce, entropy, demd_raw)
+            try:
+                lse, ce, entropy, demd_raw = _forward_triton(logits, targets, cost, self_cost, want_entropy, block_elements)
+            except Exception as e:  # noqa: BLE001 - a Triton that cannot build here: fall back once, with a warning
+                if not triton_stats.give_up_after_first_failure(e):
+                    raise
+            else:
+                if _cache.mode == "record":
+                    _cache.items.append((key, lse, ce, entropy, demd_raw))
+                return _SoftmaxStats._finish(ctx, logits, targets, cost, self_cost, block_elements, lse, ce, entropy, demd_raw)
         new = {"dtype": ct, "device": logits.device}
         lse, ce = torch.empty(n, **new), torch.empty(n, **new)
         entropy = torch.empty(n if want_entropy else 0, **new)

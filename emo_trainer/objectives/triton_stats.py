@@ -25,6 +25,7 @@ run these kernels on CPU with Triton's interpreter (``TRITON_INTERPRET=1`` and
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import torch
@@ -32,18 +33,21 @@ import torch
 try:  # Triton is optional: it ships with CUDA builds of PyTorch, not with CPU ones.
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the installation
+except Exception:  # noqa: BLE001  pragma: no cover - not installed, or a broken install: use the PyTorch code
     triton = None
     tl = None
 
-__all__ = ["usable", "row_stats", "row_grad"]
+__all__ = ["usable", "row_stats", "row_grad", "give_up_after_first_failure"]
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_state = {"worked": False, "disabled": False}  # per process: a kernel ran / the kernels failed to build
 
 
 def usable(logits: torch.Tensor) -> bool:
-    """Whether the Triton kernels handle ``logits`` (CUDA, fp32/bf16/fp16, Triton installed)."""
-    if triton is None or logits.dtype not in _DTYPES or logits.dim() != 2:
+    """Whether the Triton kernels handle ``logits`` (CUDA, fp32/bf16/fp16, Triton installed and working)."""
+    if triton is None or _state["disabled"] or logits.dtype not in _DTYPES or logits.dim() != 2:
         return False
     mode = os.environ.get("EMO_TRAINER_TRITON", "auto").lower()
     if mode in ("0", "off", "false", "no"):
@@ -138,6 +142,20 @@ def _row_grad_kernel(
         tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=mask)
 
 
+def give_up_after_first_failure(error: BaseException) -> bool:
+    """Called with an exception raised by the kernels.  If they have never run in this process
+    (a Triton that cannot build for this GPU or driver), turn them off with one warning and return
+    True: the caller then uses the PyTorch code.  Otherwise (they worked before; out of memory)
+    return False: the caller re-raises."""
+    if _state["worked"] or isinstance(error, torch.cuda.OutOfMemoryError):
+        return False
+    _state["disabled"] = True
+    logger.warning("Triton kernels for the loss statistics failed (%s: %s); using the PyTorch code instead "
+                   "(same results, slower on GPUs). Set EMO_TRAINER_TRITON=0 to silence this.",
+                   type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+    return True
+
+
 _JITTED: dict[bool, dict] = {}
 
 
@@ -190,6 +208,7 @@ def row_stats(
             logits, logits.stride(0), targets, lse, ce, ent, q, q.stride(0) if want_q else 0, q_sum, q_gold, vocab,
             WANT_ENT=bool(want_entropy), WANT_Q=want_q, BLOCK=block, num_warps=warps,
         )
+    _state["worked"] = True
     return lse, ce, ent if want_entropy else ent[:0], q_sum if want_q else q_sum[:0], q_gold if want_q else q_gold[:0]
 
 
@@ -235,4 +254,5 @@ def row_grad(
             out, out.stride(0), vocab,
             HAS_CE=g_ce is not None, HAS_D=has_d, HAS_H=has_h, BLOCK=block, num_warps=warps,
         )
+    _state["worked"] = True
     return out
