@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -52,15 +53,28 @@ def load_tokenizer(cfg: ModelConfig, train_texts: Iterable[str] | None = None, s
             raise ConfigError("model.train_tokenizer_vocab_size needs training text")
         return train_bpe_tokenizer(train_texts, cfg.train_tokenizer_vocab_size, save_dir)
     name = cfg.tokenizer or cfg.name_or_path
+    key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"  # blame the key the user set
+    _check_local(key, name)
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.tokenizer: cannot load tokenizer '{name}' ({_first_line(e)})") from None
+        raise ConfigError(f"{key}: cannot load tokenizer '{name}' ({_first_line(e)})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     if tok.eos_token is None:
         raise ConfigError(f"model.tokenizer: tokenizer '{name}' has no EOS token; use one that defines eos_token")
     return tok
+
+
+def _looks_local(name: str) -> bool:
+    """A value meant as a local path (not a hub id like ``gpt2`` or ``org/model``)."""
+    return name.startswith(("/", "./", "../", "~", "." + os.sep)) or Path(name).expanduser().exists()
+
+
+def _check_local(key: str, name: str | None) -> None:
+    if name and _looks_local(name) and not Path(name).expanduser().exists():
+        raise ConfigError(f"{key}: '{name}' does not exist (a local directory was given; check the path, "
+                          "or give a Hugging Face hub id such as 'gpt2')")
 
 
 def _first_line(e: Exception) -> str:
@@ -97,6 +111,7 @@ def load_model(cfg: ModelConfig, tokenizer: Any):
     else:
         if cfg.dtype != "auto":
             kwargs["dtype"] = _DTYPES[cfg.dtype]
+        _check_local("model.name_or_path", cfg.name_or_path)
         try:
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
         except (OSError, ValueError) as e:
