@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     known, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # faiss (MAUVE's clustering) narrates at INFO which CPU build it tried ("Could not load library
+    # with AVX2 support ... ModuleNotFoundError"): not a problem, and it reads like one.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     from .data import DataError
     from .metrics.mauve import MauveSampleError
     from .objectives import ObjectiveError

@@ -182,6 +182,7 @@ def _perplexity(model, tokenizer, documents, data_cfg, batch_size: int, vocab_si
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # "Could not load ... AVX2": harmless
     from accelerate import PartialState
 
     from emo_trainer.config import DataConfig, load_config
