@@ -156,8 +156,16 @@ class ObjectiveTrainer(Trainer):
         loss = out.loss
         if not torch.isfinite(loss.detach()).all():
             loss = self._handle_nonfinite(model, out)
+        window = self._metrics["train"]
         for k, v in out.metrics.items():
-            self._metrics["train"][k].append(v)
+            window[k].append(v)
+        self._deferred_metrics = getattr(self, "_deferred_metrics", 0) + 1
+        if self._deferred_metrics >= _MAX_DEFERRED:
+            # a long window without a log (logging_steps large or logging off): read the values now,
+            # once per _MAX_DEFERRED micro-batches, instead of keeping thousands of device scalars
+            for k, floats in _read_window(window).items():
+                window[k] = floats
+            self._deferred_metrics = 0
         return (loss, outputs) if return_outputs else loss
 
     def _handle_nonfinite(self, model, out):
@@ -241,6 +249,7 @@ class ObjectiveTrainer(Trainer):
             if self._skipped_batches:
                 logs["skipped_batches"] = self._skipped_batches
             self._metrics["train"].clear()
+            self._deferred_metrics = 0
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ checkpoints
@@ -299,13 +308,14 @@ class _ObjectiveHooks(TrainerCallback):
 
 
 # --------------------------------------------------------------------------- helpers
-def _window_means(metrics: dict[str, list]) -> dict[str, float]:
-    """Mean of each metric over the logging window.
+#: deferred (device) metric values kept per key before they are read in one transfer
+_MAX_DEFERRED = 512
 
-    Values are floats or detached 0-d tensors (``Objective.defer_metrics``); the tensors are
-    read here, with one host transfer per device for the whole window, as the same floats
-    ``float(t)`` would give (float64 holds every fp32/bf16/int value exactly).
-    """
+
+def _read_window(metrics: dict[str, list]) -> dict[str, list[float]]:
+    """The window's values as floats: detached 0-d tensors (``Objective.defer_metrics``) are read
+    with one host transfer per device, as the same floats ``float(t)`` would give (float64 holds
+    every fp32/bf16/int value exactly)."""
     tensors = [x for v in metrics.values() for x in v if torch.is_tensor(x)]
     read: dict[int, float] = {}
     by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
@@ -314,12 +324,12 @@ def _window_means(metrics: dict[str, list]) -> dict[str, float]:
     for xs in by_device.values():
         for x, f in zip(xs, torch.stack([x.detach().reshape(()).double() for x in xs]).tolist()):
             read[id(x)] = f
-    out = {}
-    for k, v in metrics.items():
-        if v:
-            floats = [read[id(x)] if torch.is_tensor(x) else float(x) for x in v]
-            out[k] = sum(floats) / len(floats)
-    return out
+    return {k: [read[id(x)] if torch.is_tensor(x) else float(x) for x in v] for k, v in metrics.items()}
+
+
+def _window_means(metrics: dict[str, list]) -> dict[str, float]:
+    """Mean of each metric over the logging window (see :func:`_read_window`)."""
+    return {k: sum(v) / len(v) for k, v in _read_window(metrics).items() if v}
 
 
 def _rotate(trainer: Trainer, run_dir: str, limit: int) -> None:

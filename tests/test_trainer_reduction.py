@@ -80,3 +80,30 @@ def test_gradient_accumulation_equals_big_batch(tmp_path, objective, options):
     for k in big:
         assert torch.allclose(big[k], acc[k], atol=1e-5, rtol=0), k
     assert any(v.abs().max() > 1e-4 for v in big.values())  # the step really moved the weights
+
+
+def test_deferred_metrics_are_read_in_batches_when_nothing_logs(tmp_path, monkeypatch):
+    """Diagnostics stay on the device between logs; a window longer than _MAX_DEFERRED micro-batches
+    (logging off, or a huge logging_steps) is read to floats in one go, with the same means."""
+    from emo_trainer import trainer as trainer_mod
+    from emo_trainer.data import CausalLMCollator
+    from emo_trainer.trainer import ObjectiveTrainer
+
+    monkeypatch.setattr(trainer_mod, "_MAX_DEFERRED", 3)
+    model = make_tiny_gpt2(vocab_size=300)
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True, save_strategy="no",
+                             disable_tqdm=True)
+    tr = ObjectiveTrainer(model=model, args=args, objective="emo")
+    g = torch.Generator().manual_seed(0)
+    values = []
+    for i in range(5):
+        rows = [torch.randint(1, 300, (12,), generator=g).tolist() for _ in range(2)]
+        tr.compute_loss(model, CausalLMCollator(pad_token_id=0)([{"input_ids": r} for r in rows]))
+        values.append(tr._metrics["train"]["ce"][-1])
+        kinds = [torch.is_tensor(x) for x in tr._metrics["train"]["ce"]]
+        expected = [[True], [True, True], [False] * 3, [False] * 3 + [True], [False] * 3 + [True, True]][i]
+        assert kinds == expected, (i, kinds)  # tensors until the 3rd micro-batch folds the window to floats
+    floats = [float(v) for v in values]
+    assert tr._metrics["train"]["ce"][:3] == floats[:3]  # the folded values are the same floats
+    means = trainer_mod._window_means(tr._metrics["train"])
+    assert abs(means["ce"] - sum(floats) / 5) < 1e-12
