@@ -259,7 +259,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _profile_step(r: "Runner", device, out: str | None) -> None:
+def _profile_step(r: Runner, device, out: str | None) -> None:
     """One profiled step of ``r``: the top ops by device time and by host time (``--profile``)."""
     from torch.profiler import ProfilerActivity, profile
 

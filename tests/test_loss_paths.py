@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 
 import pytest
 import torch
@@ -161,9 +162,17 @@ def test_fused_stats_values_and_gradients(dtype, tol, block_rows):
         assert got[k].dtype == ct and _rel(got[k].detach(), ref[k].detach()) < max(tol, 1e-6), k
 
 
-def test_fused_demd_keeps_relative_precision_near_zero():
-    """q on the gold token: D down to 1e-17, still accurate (no 1 − (1 − D) cancellation)."""
+@pytest.mark.parametrize("kernels", ["pytorch", "triton"])
+def test_fused_demd_keeps_relative_precision_near_zero(kernels, monkeypatch):
+    """q on the gold token: D down to 1e-17, still accurate (no 1 − (1 − D) cancellation) —
+    in the PyTorch code and in the Triton kernels (CPU interpreter, see test_triton_stats.py)."""
     from emo_trainer.objectives.fused import self_costs, softmax_stats
+
+    if kernels == "triton":
+        pytest.importorskip("triton")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton's interpreter is off")
+        monkeypatch.setenv("EMO_TRAINER_TRITON", "interpret")
 
     g = torch.Generator().manual_seed(1)
     vocab = 50

@@ -19,10 +19,10 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1":  # conftest sets it before triton is imported
     pytest.skip("Triton's interpreter is off (TRITON_INTERPRET != 1)", allow_module_level=True)
 
-from emo_trainer.data import CausalLMCollator  # noqa: E402
-from emo_trainer.objectives import fused, triton_stats  # noqa: E402
-from emo_trainer.objectives.fused import self_costs, softmax_stats  # noqa: E402
-from emo_trainer.trainer import ObjectiveTrainer  # noqa: E402
+from emo_trainer.data import CausalLMCollator
+from emo_trainer.objectives import fused, triton_stats
+from emo_trainer.objectives.fused import softmax_stats
+from emo_trainer.trainer import ObjectiveTrainer
 
 VOCAB = 300
 
@@ -111,7 +111,7 @@ def test_values_and_gradients_against_float64(interpret, dtype, tol, keys):
 
 @pytest.mark.parametrize("keys", [("ce",), ("ce", "entropy", "demd")], ids="+".join)
 def test_kernels_match_the_pytorch_code(monkeypatch, keys):
-    z64, y, e_hat, g = _data(n=20, seed=4)
+    z64, y, e_hat, _ = _data(n=20, seed=4)
     results = {}
     for mode in ("0", "interpret"):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -149,24 +149,6 @@ def test_online_softmax_rescaling_and_extreme_logits(interpret):
     assert torch.isfinite(grad).all()
     assert (grad[2, :250] == 0).all()  # a −inf logit gets no gradient (not 0·∞ = nan)
     torch.testing.assert_close(grad.double(), grad_ref.nan_to_num(0.0), rtol=1e-4, atol=1e-6)
-
-
-def test_demd_keeps_relative_precision_near_zero(interpret):
-    g = torch.Generator().manual_seed(1)
-    vocab = 50
-    z = torch.randn(4, vocab, generator=g)
-    y = torch.tensor([0, 7, 8, 9])
-    z[torch.arange(4), y] = torch.tensor([10.0, 20.0, 30.0, 40.0])
-    signs = torch.randint(0, 2, (vocab, 8), generator=g).float() * 2 - 1
-    keep = torch.rand(vocab, 8, generator=g).argsort(-1) < 4
-    e_hat = torch.where(keep, 0.5 * signs, torch.zeros_like(signs))  # exactly unit rows, exact cosines
-    got = softmax_stats(z, y, cost=e_hat)["demd"]
-    ref = _reference(z.double(), y, e_hat.double())["demd"]
-    assert ref.min() < 1e-15
-    assert ((got.double() - ref).abs() <= 1e-5 * ref).all(), (got, ref)
-    got_bf16 = softmax_stats(z, y, cost=e_hat.bfloat16(), self_cost=self_costs(e_hat))["demd"]
-    assert ((got_bf16.double() - ref).abs() <= 2e-2 * ref).all(), (got_bf16, ref)
-    assert interpret["stats"] == 2
 
 
 def _step(objective, path, options, tmp_path):
@@ -234,7 +216,7 @@ def test_a_triton_that_cannot_build_falls_back_once(interpret, monkeypatch, capl
         raise RuntimeError("no Triton backend for this device")
 
     monkeypatch.setattr(triton_stats, "_kernels", broken)
-    z64, y, e_hat, _ = _data(n=5)
+    z64, y, _, _ = _data(n=5)
     with caplog.at_level(logging.WARNING, logger="emo_trainer.objectives.triton_stats"):
         got = softmax_stats(z64.float(), y, entropy=True)
     assert "failed" in caplog.text and triton_stats._state["disabled"]

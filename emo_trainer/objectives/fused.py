@@ -118,7 +118,7 @@ class _SoftmaxStats(torch.autograd.Function):
         if triton_stats.usable(logits):
             try:
                 lse, ce, entropy, demd_raw = _forward_triton(logits, targets, cost, self_cost, want_entropy, block_elements)
-            except Exception as e:  # noqa: BLE001 - a Triton that cannot build here: fall back once, with a warning
+            except Exception as e:  # a Triton that cannot build here: fall back once, with a warning
                 if not triton_stats.give_up_after_first_failure(e):
                     raise
             else:

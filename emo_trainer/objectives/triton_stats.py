@@ -37,7 +37,7 @@ except Exception:  # noqa: BLE001  pragma: no cover - not installed, or a broken
     triton = None
     tl = None
 
-__all__ = ["usable", "row_stats", "row_grad", "give_up_after_first_failure"]
+__all__ = ["give_up_after_first_failure", "row_grad", "row_stats", "usable"]
 
 logger = logging.getLogger(__name__)
 
