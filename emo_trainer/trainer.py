@@ -91,6 +91,7 @@ class ObjectiveTrainer(Trainer):
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._eval_sums: list[float] = [0.0, 0.0]
         self._skipped_batches = 0
+        self._deferred_metrics = 0  # micro-batches whose diagnostics are still device tensors
         self._objective_state_loaded = False
         super().__init__(*args, **kwargs)
         # We normalise by num_items_in_batch ourselves: make the Trainer count it for every model
@@ -159,7 +160,7 @@ class ObjectiveTrainer(Trainer):
         window = self._metrics["train"]
         for k, v in out.metrics.items():
             window[k].append(v)
-        self._deferred_metrics = getattr(self, "_deferred_metrics", 0) + 1
+        self._deferred_metrics += 1
         if self._deferred_metrics >= _MAX_DEFERRED:
             # a long window without a log (logging_steps large or logging off): read the values now,
             # once per _MAX_DEFERRED micro-batches, instead of keeping thousands of device scalars

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import IGNORE_INDEX, Objective, ObjectiveOutput, shift_labels
-from .fused import row_stats_cache
+from .fused import GEMM_ALIGN, pad_rows, row_stats_cache
 
 DEFAULT_CHUNK_SIZE = 2048
 
@@ -42,25 +42,14 @@ def _no_autocast(device: torch.device):
         return nullcontext()
 
 
-#: the head's rows are padded (with zeros) to a multiple of this for the chunk matmuls: an odd
-#: vocabulary (GPT-2's 50257) makes cuBLAS fall back to slow kernels (on an H100, a ~6× slower
-#: sm75 kernel for the logits product); the padded columns are sliced off before the statistics.
-VOCAB_ALIGN = 64
+#: the head's rows are padded with zeros to a multiple of this for the chunk matmuls (odd
+#: vocabularies make cuBLAS pick slow kernels); the padded columns are sliced off before the statistics.
+VOCAB_ALIGN = GEMM_ALIGN
 
 
 def _padded_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
-    """(W, b) in ``dtype`` with V rounded up to ``VOCAB_ALIGN`` rows of zeros (no copy when nothing changes)."""
-    vocab = weight.shape[0]
-    rows = -(-vocab // VOCAB_ALIGN) * VOCAB_ALIGN
-    if rows == vocab:
-        return weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
-    w = weight.new_zeros((rows, weight.shape[1]), dtype=dtype)
-    w[:vocab].copy_(weight.detach())
-    b = None
-    if bias is not None:
-        b = bias.new_zeros(rows, dtype=dtype)
-        b[:vocab].copy_(bias.detach())
-    return w, b
+    """(W, b) in ``dtype`` with V rounded up to ``VOCAB_ALIGN`` rows of zeros (:func:`fused.pad_rows`)."""
+    return pad_rows(weight.detach(), dtype), None if bias is None else pad_rows(bias.detach(), dtype)
 
 
 def _stats_input(objective: Objective, logits: torch.Tensor) -> torch.Tensor:

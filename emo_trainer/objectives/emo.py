@@ -182,7 +182,7 @@ class EmoObjective(Objective):
         self.model_is_fresh = False
         self._cost: torch.Tensor | None = None  # Ê, fp32, (V, d_c)
         self._cost_cache: torch.Tensor | None = None  # Ê on the logits' device / dtype
-        self._transport_cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] | None = None  # dtype → (Ê, self-cost)
+        self._transport_cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # dtype → (Ê, self-cost)
         if torch.is_tensor(cost_embedding):
             if cost_embedding.dim() != 2:
                 raise ValueError(f"EMO cost_embedding tensor must be 2-D (V×d_c), got shape {tuple(cost_embedding.shape)}")
@@ -200,7 +200,7 @@ class EmoObjective(Objective):
     def _set_cost(self, cost: torch.Tensor) -> None:
         self._cost = cost
         self._cost_cache = None
-        self._transport_cache = None
+        self._transport_cache = {}
 
     def _cost_for(self, logits: torch.Tensor) -> torch.Tensor:
         if self._cost is None:
@@ -215,7 +215,7 @@ class EmoObjective(Objective):
         if cache is None or cache.device != logits.device or cache.dtype != dtype:
             # Moved once and cached: the chunked path calls token_stats many times per step.
             cache = self._cost_cache = self._cost.to(device=logits.device, dtype=dtype)
-            self._transport_cache = None
+            self._transport_cache = {}
         if cache.shape[0] != logits.shape[-1]:
             raise ValueError(
                 f"EMO cost embedding has {cache.shape[0]} rows but the logits have {logits.shape[-1]} "
@@ -288,11 +288,9 @@ class EmoObjective(Objective):
             dtype = logits.dtype if logits.dtype in (torch.bfloat16, torch.float16) else torch.float32
         # One entry per transport dtype (a chunked step may see two), each built once: 1 − ê_v·ê_v
         # is a float64 pass over Ê, far too costly to redo per call at a large vocabulary.
-        caches = self._transport_cache if isinstance(self._transport_cache, dict) else {}
-        entry = caches.get(dtype)
+        entry = self._transport_cache.get(dtype)
         if entry is None or entry[0].device != cost.device:
-            entry = caches[dtype] = (cost.to(dtype), self_costs(cost))  # 1 − ê_v·ê_v: 0, or 1 for a zero row
-        self._transport_cache = caches
+            entry = self._transport_cache[dtype] = (cost.to(dtype), self_costs(cost))  # 1 − ê_v·ê_v: 0, or 1 for a zero row
         return entry
 
     def token_stats(self, logits, targets, extras=None):

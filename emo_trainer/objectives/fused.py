@@ -227,24 +227,30 @@ class _SoftmaxStats(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-#: EMO's two transport products have the vocabulary as an inner/leading dimension; an odd V
-#: (GPT-2's 50257) sends cuBLAS to slow fallback kernels (as measured for the head matmul in
-#: chunked.py), so on the kernel path Ê and the (rows × V) operands are padded to this multiple.
-TRANSPORT_ALIGN = 64
+#: Products with the vocabulary as a GEMM dimension are padded to a multiple of this: an odd V
+#: (GPT-2's 50257) sends cuBLAS to slow fallback kernels (~6× for the head product on an H100).
+GEMM_ALIGN = 64
+
+
+def pad_rows(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` in ``dtype`` with zero rows appended up to a multiple of ``GEMM_ALIGN`` (just cast when aligned)."""
+    dtype = dtype or t.dtype
+    rows = -(-t.shape[0] // GEMM_ALIGN) * GEMM_ALIGN
+    if rows == t.shape[0]:
+        return t.to(dtype)
+    out = t.new_zeros((rows, *t.shape[1:]), dtype=dtype)
+    out[: t.shape[0]].copy_(t)
+    return out
+
+
 _padded_costs = WeakIdKeyDictionary()  # cost tensor (by identity) → (its version, padded copy)
 
 
 def _padded_cost(cost: torch.Tensor) -> torch.Tensor:
-    """Ê with zero rows appended up to a multiple of ``TRANSPORT_ALIGN`` (cached per cost tensor)."""
-    vocab = cost.shape[0]
-    rows = -(-vocab // TRANSPORT_ALIGN) * TRANSPORT_ALIGN
-    if rows == vocab:
-        return cost
+    """EMO's Ê padded by :func:`pad_rows` for the kernel path's two transport products, cached per cost tensor."""
     hit = _padded_costs.get(cost)
     if hit is None or hit[0] != cost._version:
-        padded = cost.new_zeros((rows, cost.shape[1]))
-        padded[:vocab].copy_(cost)
-        hit = _padded_costs[cost] = (cost._version, padded)
+        hit = _padded_costs[cost] = (cost._version, pad_rows(cost))
     return hit[1]
 
 
