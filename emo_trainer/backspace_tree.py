@@ -488,12 +488,19 @@ def collate_tapes(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     data: DataRows | None = None,
+    pad_to_multiple_of: int = 1,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Stack tapes into ``(model_inputs, loss_inputs)`` for one forward pass.
 
     ``data`` (from :func:`augment_batch`): data rows already laid out, placed first, before
     ``tapes`` — the same result as passing ``data.tapes()`` first in ``tapes``, without a Python
     loop over its rows.
+
+    ``pad_to_multiple_of``: the node length T is rounded up to a multiple of it with padding
+    nodes (which see only themselves and are seen by nobody, so the loss is unchanged).  The
+    augmented length otherwise changes with every draw of noise; rounding it leaves a handful of
+    shapes (fewer ``torch.compile`` recompiles and per-shape kernel choices) and tensor-core
+    friendly sizes, the reason for ``pad_to_multiple_of`` in transformers' data collators.
 
     model_inputs: ``input_ids`` (B, T), ``position_ids`` = depth (B, T), ``attention_mask``
     (B, 1, T, T) additive in ``dtype`` (0 = visible, dtype-min = hidden).  Padding nodes see
@@ -513,7 +520,10 @@ def collate_tapes(
     if not tapes and not bd:
         raise ValueError("no trajectories to collate")
     b = bd + len(tapes)
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be ≥ 1, got {pad_to_multiple_of}")
     t = max([len(tp) for tp in tapes] + ([int(data.tokens.shape[1])] if bd else []))
+    t = -(-t // pad_to_multiple_of) * pad_to_multiple_of
     k = max([int(tp.act_slot.max()) + 1 for tp in tapes if tp.num_actions] or [1])
     a = max([tp.num_actions for tp in tapes] + [1] + ([int(data.act_state.shape[1])] if bd else []))
     input_ids = torch.full((b, t), pad_token_id, dtype=torch.long)

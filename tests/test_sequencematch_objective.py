@@ -165,6 +165,31 @@ def test_a_few_training_steps_offline_and_online(sample_every):
     assert len(obj.buffer) == (0 if sample_every == 0 else min(6, 4 * 4))
 
 
+@pytest.mark.parametrize("sample_every", [0, 1])
+def test_padding_rows_to_a_multiple_changes_shapes_not_the_loss(sample_every):
+    model = tiny_gpt2().train()
+    results = {}
+    for multiple in (1, 24):
+        obj = make(sample_every=sample_every, pad_to_multiple_of=multiple)
+        torch.manual_seed(0)
+        for step in range(2):  # step 1 draws from the buffer the first refill filled
+            obj.on_step_begin(model, step)
+            mi, li = obj.split_batch(model, batch(rows=3, length=13, seed=step))
+        t = mi["input_ids"].shape[1]
+        assert t % multiple == 0 and mi["attention_mask"].shape[-2:] == (t, t)
+        out = obj(model(**mi).logits, li.pop("labels"), None, **li)
+        model.zero_grad()
+        out.loss.backward()
+        results[multiple] = (t, out.loss.detach(), [p.grad.clone() for p in model.parameters()], out.metrics)
+    (t1, l1, g1, m1), (t16, l16, g16, m16) = results[1], results[24]
+    assert t1 % 24 != 0 and t16 > t1  # the draw does need padding, so the test can fail
+    torch.testing.assert_close(l16, l1, rtol=1e-6, atol=1e-7)
+    for a, b in zip(g16, g1):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for k in ("sm_v", "sm_reward_data", "sm_bk_rate_data"):
+        assert m16[k] == pytest.approx(m1[k], rel=1e-5, abs=1e-7)
+
+
 def test_state_dict_round_trip_reproduces_the_next_batch():
     model = tiny_gpt2().train()
     obj = make(sample_every=3)
@@ -197,7 +222,8 @@ def test_options_are_documented_and_validated():
     defaults = get_objective("sequencematch").options()
     assert defaults["gamma"] == 0.998 and defaults["chi2_coef"] == 0.0025 and defaults["lam"] == 0.5
     assert defaults["max_actions"] == 2 * defaults["max_new_tokens"]
-    for bad in ({"gamma": 0.0}, {"lam": 1.5}, {"noise_token": "model"}, {"terminal_mode": "always"}, {"mix": -1}):
+    for bad in ({"gamma": 0.0}, {"lam": 1.5}, {"noise_token": "model"}, {"terminal_mode": "always"}, {"mix": -1},
+                {"pad_to_multiple_of": 0}):
         with pytest.raises(ObjectiveError):
             get_objective("sequencematch", **bad)
     with pytest.raises(ObjectiveError, match="unknown option"):

@@ -115,6 +115,10 @@ class SequenceMatchObjective(Objective):
         max_actions: cap on the actions of one sample, backspaces included (0 = 2·max_new_tokens).
         sample_temperature: sampling temperature of the model trajectories (1.0 = the policy).
         sample_batch_size: prompts per sampling batch (64).
+        pad_to_multiple_of: the forward pass's row length (augmented data rows and packed samples)
+            is rounded up to a multiple of this with padding nodes that change nothing in the loss
+            (8); few distinct shapes (``torch.compile``, per-shape kernel choices) and
+            tensor-core friendly sizes.  1 = no rounding.
         terminal_mode: ``eos`` (an EOS action ends the episode: V after it is 0) or ``none``.
         backspace_token: the token string of the backspace action (``<bkspc>``).
         seed: seed of augmentation, replay draws and sampling (offset by the process rank).
@@ -144,6 +148,7 @@ class SequenceMatchObjective(Objective):
         max_actions: int = 0,
         sample_temperature: float = 1.0,
         sample_batch_size: int = 64,
+        pad_to_multiple_of: int = 8,
         terminal_mode: str = "eos",
         backspace_token: str = BACKSPACE_TOKEN,
         seed: int = 0,
@@ -159,8 +164,8 @@ class SequenceMatchObjective(Objective):
             (terminal_mode in ("eos", "none"), f"terminal_mode must be 'eos' or 'none', got {terminal_mode!r}"),
             (min(bc_warmup_steps, sample_every, samples_per_refill, model_rows, max_actions) >= 0,
              "bc_warmup_steps, sample_every, samples_per_refill, model_rows and max_actions must be ≥ 0"),
-            (min(buffer_size, prefix_tokens, max_new_tokens, sample_batch_size) >= 1,
-             "buffer_size, prefix_tokens, max_new_tokens and sample_batch_size must be ≥ 1"),
+            (min(buffer_size, prefix_tokens, max_new_tokens, sample_batch_size, pad_to_multiple_of) >= 1,
+             "buffer_size, prefix_tokens, max_new_tokens, sample_batch_size and pad_to_multiple_of must be ≥ 1"),
             (sample_temperature > 0, f"sample_temperature must be > 0, got {sample_temperature}"),
         ]
         for ok, msg in checks:
@@ -175,6 +180,7 @@ class SequenceMatchObjective(Objective):
         self.prefix_tokens, self.max_new_tokens = int(prefix_tokens), int(max_new_tokens)
         self.max_actions = int(max_actions) or 2 * self.max_new_tokens
         self.sample_temperature, self.sample_batch_size = float(sample_temperature), int(sample_batch_size)
+        self.pad_to_multiple_of = int(pad_to_multiple_of)
         self.terminal_mode, self.backspace_token, self.seed = terminal_mode, backspace_token, int(seed)
 
         self._mle = MleObjective()  # the warm-up loss, and the definition of the MLE part
@@ -194,7 +200,7 @@ class SequenceMatchObjective(Objective):
     def options(self) -> dict[str, Any]:
         keys = ("gamma", "chi2_coef", "lam", "mix", "bc_warmup_steps", "noise_rate", "noise_token", "sample_every",
                 "buffer_size", "samples_per_refill", "model_rows", "pack_samples", "prefix_tokens", "max_new_tokens",
-                "max_actions", "sample_temperature", "sample_batch_size", "terminal_mode", "backspace_token", "seed")
+                "max_actions", "sample_temperature", "sample_batch_size", "pad_to_multiple_of", "terminal_mode", "backspace_token", "seed")
         return {k: getattr(self, k) for k in keys}
 
     @property
@@ -368,7 +374,7 @@ class SequenceMatchObjective(Objective):
             if self.pack_samples and sampled:
                 sampled = pack_tapes(sampled, capacity=int(data.length.max()))
         return collate_tapes(sampled, data=data, gamma=self.gamma, pad_token_id=self.pad_token_id,
-                             dtype=_mask_dtype(unwrap_model(model), device), device=device)
+                             pad_to_multiple_of=self.pad_to_multiple_of, dtype=_mask_dtype(unwrap_model(model), device), device=device)
 
     # ------------------------------------------------------------------ formula
     def token_stats(self, logits, targets, extras=None):
