@@ -144,6 +144,9 @@ class _SoftmaxStats(torch.autograd.Function):
                 q.div_(s)
             if want_entropy:
                 # H = log s − Σ q·t: every term ≥ 0, no cancellation; Σ q·t as a batched dot.
+                # A −∞ logit (masked column) has q = 0: 0·log 0 = 0, so t is floored to a finite
+                # value first (0·(−∞) would be nan).
+                t.clamp_min_(torch.finfo(ct).min)
                 entropy[sl] = log_s - torch.bmm(q.unsqueeze(1), t.unsqueeze(2)).reshape(-1)
             if want_demd:
                 q_gold = q.gather(1, y).squeeze(1)
@@ -206,7 +209,9 @@ class _SoftmaxStats(torch.autograd.Function):
             w = None
             if g_entropy is not None:
                 gh = g_entropy[sl].to(ct).unsqueeze(1)
-                w = torch.addcmul(-gh * entropy[sl].unsqueeze(1), u, -gh)  # −g_H·(log q + H)
+                # −g_H·(log q + H); log q floored to a finite value so a −∞ logit (q = 0) gets
+                # q·w = 0 rather than 0·∞ = nan
+                w = torch.addcmul(-gh * entropy[sl].unsqueeze(1), u.clamp_min(torch.finfo(ct).min), -gh)
             if g_demd is not None:
                 gd = g_demd[sl].to(ct).unsqueeze(1)
                 a = a + gd * (1.0 - demd_raw[sl].unsqueeze(1))
