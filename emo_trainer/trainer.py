@@ -214,10 +214,21 @@ class ObjectiveTrainer(Trainer):
         transform = getattr(self.objective, "eval_logits_transform", None)
         if transform is not None:
             logits = transform(logits)
-        out = self._eval_objective(logits, labels)
-        self._eval_sums[0] += float(out.loss.detach()) * out.num_valid
-        self._eval_sums[1] += out.num_valid
-        return (out.loss, outputs) if return_outputs else out.loss
+        # Per-row sums, gathered with ``gather_for_metrics``: with several processes the last
+        # batch is padded with repeated samples (accelerate's even batches), which it drops.
+        targets = shift_labels(labels)
+        valid = targets != IGNORE_INDEX
+        flat = logits.reshape(-1, logits.shape[-1])
+        ce = self._eval_objective.token_stats(flat, targets.masked_fill(~valid, 0).reshape(-1))["ce"]
+        nll = torch.where(valid, ce.view(targets.shape), torch.zeros((), dtype=ce.dtype, device=ce.device))
+        row_nll = nll.reshape(nll.shape[0], -1).sum(1, dtype=torch.float64)
+        row_n = valid.reshape(valid.shape[0], -1).sum(1)
+        loss = (row_nll.sum() / row_n.sum().clamp_min(1)).float()  # this batch's token mean (this process)
+        if self.args.world_size > 1:
+            row_nll, row_n = self.accelerator.gather_for_metrics((row_nll, row_n))
+        self._eval_sums[0] += float(row_nll.sum())
+        self._eval_sums[1] += int(row_n.sum())
+        return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Only the loss is needed for language modelling; never return N×V logits to the eval loop.
@@ -230,10 +241,7 @@ class ObjectiveTrainer(Trainer):
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         self._eval_sums = [0.0, 0.0]
         output = super().evaluation_loop(*args, **kwargs)
-        sums = torch.tensor(self._eval_sums, dtype=torch.float64, device=self.args.device)
-        if self.args.world_size > 1:
-            sums = self.accelerator.reduce(sums, reduction="sum")
-        nll, n = float(sums[0]), float(sums[1])
+        nll, n = self._eval_sums  # already over every process (gathered batch by batch)
         if n > 0:
             ce = nll / n
             output.metrics[f"{prefix}_loss"] = ce

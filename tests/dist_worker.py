@@ -147,6 +147,28 @@ def run_ddp_case(name: str, out_dir: Path, per_device: int) -> dict:
     return result
 
 
+EVAL_ROWS = 7  # ragged eval rows: with 2 processes × 2 per device the last batch repeats a sample
+
+
+def run_eval_case(out_dir: Path, per_device: int) -> dict:
+    """``evaluate()`` of an MLE-trained-for-nothing model on ragged rows: eval loss and token count."""
+    import datasets
+    from transformers import TrainingArguments
+
+    from emo_trainer.data import CausalLMCollator
+    from emo_trainer.trainer import ObjectiveTrainer
+
+    args = TrainingArguments(output_dir=str(out_dir / "eval"), per_device_eval_batch_size=per_device,
+                             report_to="none", use_cpu=not USE_GPU, disable_tqdm=True)
+    rows = make_rows("ragged", seed=3)[:EVAL_ROWS]
+    trainer = ObjectiveTrainer(model=make_model(), args=args, objective="mile",
+                               eval_dataset=datasets.Dataset.from_dict({"input_ids": rows}),
+                               data_collator=CausalLMCollator(pad_token_id=0))
+    metrics = trainer.evaluate()
+    return {"eval_loss": metrics["eval_loss"], "eval_tokens": metrics["eval_tokens"],
+            "eval_perplexity": metrics["eval_perplexity"]}
+
+
 def save_weights(model, path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -227,6 +249,7 @@ def run_all(out_dir: str | os.PathLike, per_device: int, cases=None, fsdp_cases=
     results: dict = {"ddp": {}, "fsdp2": {}}
     for name in names:
         results["ddp"][name] = run_ddp_case(name, out, per_device)
+    results["eval"] = run_eval_case(out, per_device)
     # The Trainer's accelerate state has initialised the process group (gloo) by now.
     dist = torch.distributed
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -86,6 +86,24 @@ def test_two_processes_really_ran(runs):
     assert two["world"] == 2
 
 
+def test_eval_loss_counts_every_sample_once(runs):
+    """7 eval rows over 2 processes × 2 per device: accelerate repeats a sample to fill the last
+    batch; the eval loss and token count must be those of the 7 rows (exact float64 loop here)."""
+    (one, _), (two, _) = runs
+    model = dist_worker.make_model().eval()
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for row in dist_worker.make_rows("ragged", seed=3)[: dist_worker.EVAL_ROWS]:
+            x = torch.tensor([row])
+            z = model(input_ids=x).logits[0, :-1].double()
+            nll += float(torch.nn.functional.cross_entropy(z, x[0, 1:], reduction="sum"))
+            n += len(row) - 1
+    for run in (one, two):
+        assert run["eval"]["eval_tokens"] == n
+        assert run["eval"]["eval_loss"] == pytest.approx(nll / n, rel=1e-6)
+        assert run["eval"]["eval_perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-6)
+
+
 EXACT = [n for n in dist_worker.DDP_CASES if n != "sequencematch_online"]
 
 
