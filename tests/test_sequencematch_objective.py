@@ -118,6 +118,23 @@ def test_warmup_is_exactly_mle_then_sequencematch():
     assert mi["attention_mask"].dim() == 2
 
 
+def test_count_items_is_the_targets_trained_on_with_left_padding():
+    """A left-padded row's first token is context for SequenceMatch (augmentation and warm-up
+    alike): num_items_in_batch must count exactly the targets the loss sums over."""
+    from emo_trainer.objectives import shift_labels
+
+    model = tiny_gpt2().train()
+    ids = torch.tensor([[0, 0, 3, 5, 8, 9], [4, 6, 7, 9, 3, 5], [4, 6, 7, 9, 0, 0]])
+    am = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    b = {"input_ids": ids, "attention_mask": am, "labels": ids.masked_fill(am == 0, -100)}
+    obj = make(bc_warmup_steps=1, sample_every=0, noise_rate=0.0)
+    assert int(obj.count_items(b)) == 3 + 5 + 3  # the base count would be 4 + 5 + 3
+    for step in (0, 1):  # warm-up (plain MLE), then SequenceMatch
+        obj.on_step_begin(model, step)
+        _, li = obj.split_batch(model, b)
+        assert int((shift_labels(li["labels"]) != -100).sum()) == int(obj.count_items(b))
+
+
 def test_refill_cadence_and_buffer_age():
     model = tiny_gpt2().train()
     obj = make(bc_warmup_steps=1, sample_every=2, buffer_size=100)

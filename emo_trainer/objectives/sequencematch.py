@@ -22,8 +22,9 @@ follows objectives.md §5 (the paper's χ²-mixture / IQ-Learn–LS-IQ lineage).
   batch, never per sequence.  With no ℳ actions (offline variant, ``sample_every: 0``) the
   mixture is the data alone, so λ is taken as 1: then −r + (V − γV') = V − Q = −log π(a|s) and
   L_SM = E_𝒟[w·NLL] + c·E_𝒟[w r²] (γ-weighted NLL plus the χ² term).
-* **Reduction / gradient accumulation.**  ``count_items`` (the base one) counts the *clean*
-  target tokens of the data micro-batch before augmentation — exactly what MLE counts — and
+* **Reduction / gradient accumulation.**  ``count_items`` counts the *clean* target tokens of
+  the data micro-batch before augmentation — what MLE counts, except that the first attended
+  token of a left-padded row is context (no prediction from a padding position) — and
   ``num_items_in_batch`` is their sum over the step's micro-batches (× ranks).  The MLE part is
   Σ CE / num_items_in_batch (exact under GA and DDP).  The SM part of micro-batch m is
   β·(n_m/W_𝒟,m)·S_𝒟,m / num_items_in_batch + β·(n_m/W_ℳ,m)·S_ℳ,m / num_items_in_batch, with
@@ -71,11 +72,23 @@ from ..backspace import BACKSPACE_TOKEN, add_backspace_token, backspace_token_id
 from ..backspace_generation import check_custom_mask_support, sample_continuations_with_backspace
 from ..backspace_tree import NoiseSampler, augment_batch, collate_tapes, model_tape, pack_tapes
 from ..replay import ReplayBuffer, data_prefixes, sample_trajectories
-from .base import Objective, masked_mean
+from .base import IGNORE_INDEX, Objective, masked_mean
 from .mle import MleObjective
 from .registry import ObjectiveError, register
 
 logger = logging.getLogger(__name__)
+
+
+def _first_token_as_context(batch: dict[str, Any]) -> torch.Tensor:
+    """``batch["labels"]`` with the first attended position of each row set to −100 (no copy of the
+    data moves host-side; a no-op for rows that are not left-padded, whose position 0 is never a
+    target)."""
+    labels = batch["labels"]
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is None or attention_mask.dim() != 2:
+        return labels
+    first = attention_mask.long().argmax(1, keepdim=True)
+    return labels.scatter(1, first, IGNORE_INDEX)
 
 
 def _rank() -> int:
@@ -339,8 +352,12 @@ class SequenceMatchObjective(Objective):
         and a (B', 1, T', T') additive ancestor mask for the model; ``labels`` (clean targets
         only) and the ``sm_*`` tensors for the loss.
         """
-        if not model.training or self.in_warmup():
+        if not model.training:
             return super().split_batch(model, batch)
+        if self.in_warmup():  # plain MLE on the targets SequenceMatch trains (see count_items)
+            model_inputs, loss_inputs = super().split_batch(model, batch)
+            loss_inputs["labels"] = _first_token_as_context(batch)
+            return model_inputs, loss_inputs
         self._ensure_setup(model)
         device = batch["input_ids"].device
         attention_mask = batch.get("attention_mask")
@@ -375,6 +392,13 @@ class SequenceMatchObjective(Objective):
                 sampled = pack_tapes(sampled, capacity=int(data.length.max()))
         return collate_tapes(sampled, data=data, gamma=self.gamma, pad_token_id=self.pad_token_id,
                              pad_to_multiple_of=self.pad_to_multiple_of, dtype=_mask_dtype(unwrap_model(model), device), device=device)
+
+    def count_items(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Clean targets of the micro-batch: the base count, except that the first attended token
+        of a left-padded row is context (the augmentation gives it no prediction — it would be
+        predicted from a padding position), so ``num_items_in_batch`` counts exactly the targets
+        trained on, warm-up included."""
+        return (_first_token_as_context(batch)[..., 1:] != IGNORE_INDEX).sum()
 
     # ------------------------------------------------------------------ formula
     def token_stats(self, logits, targets, extras=None):
