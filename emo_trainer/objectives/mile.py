@@ -8,16 +8,22 @@
 Tokens the model is uncertain about (high entropy) get more weight; γ = 0 is exactly MLE.
 
 Data parallelism: when ``torch.distributed`` is initialised, n_valid and Σ w_i are summed
-over ranks (one all-reduce) before α is formed, so α is the normaliser of the global batch
-and 2 processes give exactly the loss of 1 process with the doubled batch.  The authors
-all-reduce (average) α itself, which is the same thing when every rank holds the same number
-of valid tokens.  Every rank must therefore call the loss the same number of times.
+over ranks (one all-reduce) before α is formed, so α = Σ_r n_r / Σ_r W_r is the normaliser of
+the global batch and 2 processes give exactly the loss of 1 process with the doubled batch
+(the equality objectives.md's reduction section requires; tested).  objectives.md §4 and the
+authors instead average α itself over ranks, mean_r(n_r / W_r); the two agree only when every
+rank has the same mean weight W_r / n_r (e.g. n = 10 on both ranks with W = 20 and 30: mean
+0.417 vs 0.400).  We chose the global ratio for the exact equality.  Every rank must therefore
+call the loss the same number of times.
 
 Gradient accumulation: α is formed per micro-batch (the other micro-batches do not exist
-yet when this one is back-propagated).  Accumulating k micro-batches therefore equals one
-batch k times larger *exactly* only when α is the same in every micro-batch (always for
-γ = 0); otherwise it equals Σ_m α_m·Σ_{i∈m} w_i·CE_i / n_total — each micro-batch
-normalised by its own α — which is close to, but not bit-equal to, the big-batch value.
+yet when this one is back-propagated).  Accumulating k micro-batches equals one batch k times
+larger *exactly* only when every micro-batch has the same mean weight Σw/n (always for γ = 0);
+otherwise it is Σ_m α_m·Σ_{i∈m} w_i·CE_i / n_total: each micro-batch's weights are taken
+relative to its own mean.  The gap grows with how much the micro-batches' mean entropies
+differ: small for micro-batches drawn from the same data, but two deliberately different
+micro-batches (near-uniform vs confident predictions) gave 11% in loss and 28% in gradient
+(tests/test_objective_mile.py pins the per-micro-batch formula).
 """
 
 from __future__ import annotations
