@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -29,9 +30,80 @@ def make_parser() -> argparse.ArgumentParser:
         epilog="Any config key can be overridden: --objective emo --emo.mode 2 --learning_rate 3e-5 data.block_size=128",
     )
     p.add_argument("--config", help="YAML experiment config (see configs/)")
-    p.add_argument("--resume_from_checkpoint", default=None, help="checkpoint dir, or 'true' for the last complete one")
-    p.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", default=None,
+                   help="checkpoint dir, or 'true' for the last complete one")
+    p.add_argument("--overwrite_output_dir", "--overwrite-output-dir", action="store_true",
+                   help="start over in an output_dir that holds an earlier run (deletes its checkpoints and final/)")
+    p.add_argument("--print_config", "--print-config", action="store_true", help="print the resolved config and exit")
     return p
+
+
+#: What an earlier run leaves in its output_dir (what a new run there would mix with).
+_RUN_ARTIFACTS = ("final", "final_metrics.json")
+
+
+def check_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) -> None:
+    """Refuse to start a new run in a directory that holds another run's checkpoints or results.
+
+    Mixing them goes wrong quietly: checkpoint rotation keeps the highest-numbered (old)
+    checkpoints and deletes the new ones, ``--resume_from_checkpoint true`` then picks an old
+    one, and ``final/`` is overwritten.  With ``overwrite`` the old checkpoints, ``final/`` and
+    ``final_metrics.json`` are deleted first (by the main process).
+    """
+    import shutil
+
+    out = Path(output_dir)
+    if resuming or not out.is_dir():
+        return
+    old = sorted(p for p in out.iterdir() if (p.is_dir() and p.name.startswith("checkpoint-")) or p.name in _RUN_ARTIFACTS)
+    if not old:
+        return
+    if not overwrite:
+        names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in old[:4]) + (" ..." if len(old) > 4 else "")
+        raise ConfigError(
+            f"training.output_dir {out} already holds a run ({names}): pass --resume_from_checkpoint true to "
+            f"continue it, --overwrite_output_dir to start over there (deletes them), or another --output_dir"
+        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        for p in old:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        logger.warning("--overwrite_output_dir: deleted %d checkpoint(s)/result(s) of an earlier run in %s", len(old), out)
+
+
+def check_report_to(report_to) -> None:
+    """Every logging integration in ``training.report_to`` must be installed (checked before training)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    wanted = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if wanted in (["none"], ["all"], []):
+        return
+    available = set(get_available_reporting_integrations())
+    missing = [r for r in wanted if r not in available]
+    if missing:
+        raise ConfigError(
+            f"training.report_to: {', '.join(missing)} is not installed (pip install {' '.join(missing)}), "
+            f"or log to the console and trainer_state.json only with --report_to none"
+        )
+
+
+def check_featurizer(cfg: ExperimentConfig) -> None:
+    """The MAUVE featurizer must be loadable before training starts, not at the first evaluation."""
+    from .modeling import _check_local, _first_line
+
+    e = cfg.eval
+    if not (e.generation and e.num_prompts and e.mauve) or e.mauve_featurizer == "hashing":
+        return
+    name = e.mauve_featurizer
+    _check_local("eval.mauve_featurizer", name)
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"eval.mauve_featurizer: cannot load '{name}' ({_first_line(err)}); give a local model directory, "
+            f"'hashing', or turn MAUVE off with eval.mauve: false"
+        ) from None
 
 
 def build_trainer(cfg: ExperimentConfig, callbacks=None):
@@ -61,6 +133,12 @@ def build_trainer(cfg: ExperimentConfig, callbacks=None):
 
     set_seed(args.seed)
     model, is_fresh = load_model(cfg.model, tokenizer)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and cfg.data.block_size > positions:
+        raise ConfigError(
+            f"data.block_size: {cfg.data.block_size} tokens per row, but the model has {positions} positions "
+            f"(max_position_embeddings); lower data.block_size to at most {positions}"
+        )
     objective = build_objective(cfg.objective)
     prepare = getattr(objective, "prepare_model", None)
     if prepare is not None:  # e.g. SequenceMatch adds <bkspc> before the optimizer exists
@@ -133,9 +211,14 @@ def resolve_resume(cfg: ExperimentConfig, resume_from_checkpoint):
     return str(path)
 
 
-def run(cfg: ExperimentConfig, resume_from_checkpoint=None) -> dict:
+def run(cfg: ExperimentConfig, resume_from_checkpoint=None, overwrite_output_dir: bool = False) -> dict:
     """Train and evaluate ``cfg``; returns the final metrics."""
     resume_from_checkpoint = resolve_resume(cfg, resume_from_checkpoint)
+    # Cheap checks first: a user error must stop the run before data, model and training.
+    check_output_dir(cfg.training.get("output_dir") or "trainer_output", resume_from_checkpoint is not None,
+                     overwrite_output_dir)
+    check_report_to(cfg.training.get("report_to", "none"))
+    check_featurizer(cfg)
     trainer, _ = build_trainer(cfg)
     args = trainer.args
     out = Path(args.output_dir)
@@ -171,11 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     # faiss (MAUVE's clustering) narrates at INFO which CPU build it tried ("Could not load library
     # with AVX2 support ... ModuleNotFoundError"): not a problem, and it reads like one.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    from .data import DataError
-    from .metrics.mauve import MauveSampleError
-    from .objectives import ObjectiveError
-    from .trainer import NonFiniteLossError
-
     try:
         if not known.config and not rest:
             raise ConfigError("no config given: pass --config configs/quickstart.yaml (or another file in configs/)")
@@ -185,19 +263,29 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
-        run(cfg, resume_from_checkpoint=known.resume_from_checkpoint)
-    except (ConfigError, DataError, ObjectiveError, MauveSampleError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:  # not a config error: the run diverged (exit 1, checkpoints kept)
-        print(f"\nerror: {_one_line(e)}", file=sys.stderr)  # newline: a progress bar may be mid-line
-        return 1
-    except ValueError as e:
-        if "resume_from_checkpoint" in str(e) or "vocabulary" in str(e) or "cost embedding" in str(e):
+        run(cfg, resume_from_checkpoint=known.resume_from_checkpoint, overwrite_output_dir=known.overwrite_output_dir)
+    except Exception as e:
+        # Error classes of the heavy modules are looked up only if those modules were imported:
+        # a config error then costs the import of the config (torch), not of the Trainer stack.
+        if isinstance(e, _loaded("emo_trainer.trainer", "NonFiniteLossError")):
+            # not a config error: the run diverged (exit 1, checkpoints kept)
+            print(f"\nerror: {_one_line(e)}", file=sys.stderr)  # newline: a progress bar may be mid-line
+            return 1
+        user_errors = (ConfigError, *_loaded("emo_trainer.data", "DataError"),
+                       *_loaded("emo_trainer.metrics.mauve", "MauveSampleError"),
+                       *_loaded("emo_trainer.objectives", "ObjectiveError"))
+        if isinstance(e, user_errors) or (isinstance(e, ValueError) and any(
+                s in str(e) for s in ("resume_from_checkpoint", "vocabulary", "cost embedding"))):
             print(f"error: {_one_line(e)}", file=sys.stderr)
             return 2
         raise
     return 0
+
+
+def _loaded(module: str, name: str) -> tuple[type, ...]:
+    """``(module.name,)`` if ``module`` is already imported, else ``()``."""
+    m = sys.modules.get(module)
+    return (getattr(m, name),) if m is not None and hasattr(m, name) else ()
 
 
 def _one_line(e: Exception) -> str:

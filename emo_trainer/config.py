@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 import math
 import types
 import typing
@@ -36,6 +37,8 @@ import yaml
 from .eval_config import EvalConfig
 from .objectives import ObjectiveError, objective_class, objective_options
 from .objectives.registry import PLANNED, available
+
+logger = logging.getLogger(__name__)
 
 SECTIONS = ("model", "data", "objective", "eval", "training")
 
@@ -190,6 +193,15 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _yaml_value(text: str, key: str) -> Any:
+    """``text`` parsed as a YAML value (a list or mapping given on the command line)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: malformed value {text!r} ({getattr(e, 'problem', None) or 'not valid YAML'}); "
+                          "write a list as [a, b] and a mapping as {k: v}, quoted for the shell") from None
+
+
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert ``value`` (from YAML or a command-line string) to type ``tp`` or raise ConfigError."""
     origin = typing.get_origin(tp)
@@ -207,6 +219,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return coerce(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
+        malformed = [e for e in errors if ": malformed value" in e]
+        if malformed:  # the value was meant as a list/mapping: say what is wrong with it
+            raise ConfigError(malformed[0])
         raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is Literal:
         if value in args:
@@ -214,7 +229,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: must be one of {', '.join(map(repr, args))}, got {value!r}")
     if origin in (list, tuple) or tp in (list, tuple):
         if isinstance(value, str):
-            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",")]
+            parsed = _yaml_value(value, key) if value.strip().startswith("[") else [v.strip() for v in value.split(",")]
             value = parsed
         if not isinstance(value, (list, tuple)):
             value = [value]
@@ -223,7 +238,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(items) if (origin is tuple or tp is tuple) else items
     if origin is dict or tp is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml_value(value, key)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return value
@@ -434,11 +449,16 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"eval.top_p: must be in (0, 1], got {e.top_p}")
     if e.temperature <= 0:
         raise ConfigError(f"eval.temperature: must be > 0, got {e.temperature}")
-    # Objective options: let the objective's own constructor check ranges (e.g. MixCE eta in [0, 1]).
-    try:
-        build_objective(cfg.objective)
-    except (ObjectiveError, ValueError, TypeError) as e:
-        raise ConfigError(f"objective.{cfg.objective.name}: {e}") from None
+    # Objective options: let the objective's own constructor check ranges (e.g. MixCE eta in [0, 1]),
+    # for every objective given options, not only the selected one (a typo'd value must not wait
+    # until someone switches objectives).
+    for name in [cfg.objective.name, *(n for n in cfg.objective.options if n != cfg.objective.name)]:
+        if name not in available():
+            continue
+        try:
+            objective_class(name)(**cfg.objective.options.get(name, {}))
+        except (ObjectiveError, ValueError, TypeError) as e:
+            raise ConfigError(f"objective.{name}: {e}") from None
 
 
 def build_objective(ocfg: ObjectiveConfig):
@@ -525,6 +545,10 @@ def _resolve_key(key: str) -> list[str]:
     if key in training_argument_types():
         hits.append(["training", key])
     if not hits:
+        owners = [n for n in sorted(available()) if key in objective_options(n)]
+        if owners:
+            raise ConfigError(f"unknown key '--{key}': an objective option, give its objective: "
+                              f"{' or '.join(f'--{n}.{key}' for n in owners)}")
         everything = set(training_argument_types())
         for cls in (ModelConfig, DataConfig, ObjectiveConfig, EvalConfig):
             everything |= set(_dataclass_types(cls))
@@ -543,11 +567,23 @@ def _parse_cli_value(val: str | None) -> Any:
         return val
 
 
+def _key_type(path: list[str]) -> Any:
+    """The declared type of the config key at ``path`` (``Any`` when unknown)."""
+    section, leaf = path[0], path[-1]
+    if section == "objective" and len(path) == 3 and path[1] in available():
+        return typing.get_type_hints(objective_class(path[1]).__init__).get(leaf, Any)
+    cls = {"model": ModelConfig, "data": DataConfig, "objective": ObjectiveConfig, "eval": EvalConfig}.get(section)
+    types_ = _dataclass_types(cls) if cls else training_argument_types() if section == "training" else {}
+    return types_.get(leaf, Any) if len(path) == 2 else Any
+
+
 def apply_overrides(raw: dict, overrides: list[tuple[str, str | None]]) -> dict:
     """Apply command-line overrides to a raw config dict (before validation)."""
     raw = dict(raw)
     for key, val in overrides:
         path = _resolve_key(key)
+        if val is None and _key_type(path) not in (bool, Any, bool | None):
+            raise ConfigError(f"--{key} needs a value, e.g. --{key} {'emo' if path == ['objective', 'name'] else 'VALUE'}")
         value = _parse_cli_value(val)
         # keep strings that YAML would turn into numbers where a string is expected (e.g. paths)
         if isinstance(value, (int, float)) and val is not None:
@@ -573,5 +609,12 @@ def _maybe_keep_string(path: list[str], text: str, value: Any) -> Any:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load a YAML config (optional) and apply command-line style overrides."""
     raw = load_yaml(path) if path else {}
-    raw = apply_overrides(raw, parse_overrides(overrides or []))
-    return build_config(raw)
+    parsed = parse_overrides(overrides or [])
+    raw = apply_overrides(raw, parsed)
+    cfg = build_config(raw)
+    for key, _ in parsed:
+        where = _resolve_key(key)
+        if len(where) == 3 and where[0] == "objective" and where[1] in _objective_names() and where[1] != cfg.objective.name:
+            logger.warning("--%s has no effect: the objective is '%s' (add --objective %s to train with %s)",
+                           key, cfg.objective.name, where[1], where[1])
+    return cfg

@@ -10,6 +10,7 @@ or one truncated document per example) → :class:`CausalLMCollator` (padding, l
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import re
@@ -110,6 +111,13 @@ def load_raw_splits(cfg: DataConfig, seed: int = 42):
     if "validation" not in raw:
         if cfg.validation_split_percentage <= 0:
             raise DataError("data: no validation split; set data.validation_files or data.validation_split_percentage > 0")
+        n = len(raw["train"])
+        n_valid = math.ceil(n * cfg.validation_split_percentage / 100.0)
+        if n - n_valid < 1:
+            raise DataError(
+                f"data: the training data has {n} text(s), too few to hold out "
+                f"{cfg.validation_split_percentage}% for validation; give data.validation_files, or more text"
+            )
         parts = raw["train"].train_test_split(test_size=cfg.validation_split_percentage / 100.0, seed=seed)
         raw = datasets.DatasetDict({"train": parts["train"], "validation": parts["test"]})
     else:

@@ -292,11 +292,15 @@ def run_one(args, objective: str) -> dict:
     else:
         from emo_trainer.cli import run
         from emo_trainer.config import load_config
+        from emo_trainer.trainer import last_complete_checkpoint
 
         model_dir = str(out / objective / "final")
         if not (Path(model_dir) / "config.json").is_file():
             cfg = load_config(args.config, calibration_overrides(args, objective, out))
-            metrics = run(cfg)
+            # an interrupted calibration resumes from its last complete checkpoint; anything else
+            # it left (a half-written checkpoint) is cleared
+            resume = "true" if last_complete_checkpoint(out / objective) else None
+            metrics = run(cfg, resume_from_checkpoint=resume, overwrite_output_dir=True)
             info["train_metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         info["train_runtime"] = round(time.perf_counter() - t0, 1)
     info["model_dir"] = model_dir

@@ -99,7 +99,34 @@ CASES = {
                             "is not a directory"),
     "resume_incomplete": (lambda t: ["--config", QUICK, "--resume_from_checkpoint", _incomplete_checkpoint(t)],
                           "is incomplete (no checkpoint_complete.json"),
+    # Found by a user audit: each was a traceback, a late failure or a silent mix-up.
+    "flag_without_value": (lambda t: ["--config", QUICK, "--objective"], "--objective needs a value"),
+    "bare_objective_option": (lambda t: ["--config", QUICK, "--objective", "mixce", "--eta", "0.3"],
+                              "unknown key '--eta': an objective option, give its objective: --mixce.eta"),
+    "bad_option_of_unused_objective": (lambda t: ["--config", QUICK, "--emo.mode", "3"],
+                                       "objective.emo: EMO mode must be 1 or 2, got 3"),
+    "malformed_cli_value": (lambda t: ["--config", QUICK, "--data.train_files", "[a, b"], "data.train_files: malformed value"),
+    "one_text_no_validation": (lambda t: ["--config", QUICK, *SMALL, "--data.dataset", "null", "--data.train_files",
+                                          f"[{_file(t, 'one.txt', 'Only one line of text here.')}]"],
+                               "the training data has 1 text(s), too few to hold out"),
+    "block_size_over_positions": (lambda t: ["--config", QUICK, *SMALL, "--data.block_size", "128"],
+                                  "data.block_size: 128 tokens per row, but the model has 64 positions"),
+    "report_to_not_installed": (lambda t: ["--config", QUICK, "--report_to", "no_such_tracker"],
+                                "training.report_to: no_such_tracker is not installed"),
+    "featurizer_unavailable": (lambda t: ["--config", QUICK, "--eval.mauve_featurizer", str(t / "no-featurizer")],
+                               ("eval.mauve_featurizer: '", "no-featurizer' does not exist")),
+    "featurizer_offline_hub_id": (lambda t: ["--config", QUICK, "--eval.mauve_featurizer", "gpt2-large"],
+                                  "eval.mauve_featurizer: cannot load 'gpt2-large'"),
+    "output_dir_holds_a_run": (lambda t: ["--config", QUICK, "--output_dir", _earlier_run(t)],
+                               "already holds a run (checkpoint-10/, final/): pass --resume_from_checkpoint true"),
 }
+
+
+def _earlier_run(tmp_path: Path) -> str:
+    run = tmp_path / "earlier"
+    for d in ("checkpoint-10", "final"):
+        (run / d).mkdir(parents=True)
+    return str(run)
 
 
 def run_case(name: str, tmp_path: Path, capsys) -> tuple[int, str]:
@@ -149,3 +176,16 @@ def test_safe_defaults_and_safetensors_checkpoints(tmp_path):
     assert json.loads((ck / "checkpoint_complete.json").read_text())["global_step"] == 2
     # what remains pickled is the Trainer's own optimizer/scheduler/RNG state, loaded with weights_only=True
     assert {p.name for p in ck.iterdir() if p.suffix in (".pt", ".pth")} <= {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
+
+
+def test_overwrite_output_dir_starts_over_and_a_warning_names_unused_options(tmp_path, capsys, caplog):
+    """--overwrite_output_dir deletes the earlier run's checkpoints and results, then trains; an
+    option of an objective that is not selected is reported as having no effect."""
+    run = Path(_earlier_run(tmp_path))
+    (run / "final_metrics.json").write_text("{}")
+    (run / "notes.txt").write_text("mine")
+    argv = ["--config", QUICK, *SMALL, "--output_dir", str(run), "--overwrite-output-dir", "--emo.mode", "2"]
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    assert not (run / "checkpoint-10").exists() and (run / "notes.txt").read_text() == "mine"
+    assert json.loads((run / "final_metrics.json").read_text())["eval_loss"] > 0
+    assert any("--emo.mode has no effect: the objective is 'mle'" in r.getMessage() for r in caplog.records)
