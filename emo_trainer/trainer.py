@@ -46,6 +46,12 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _POST_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+#: With ``on_nonfinite="skip"``, this many non-finite micro-batches in a row (or 3 optimizer
+#: steps' worth, if more) stop the run: the model has diverged, and every later batch would be
+#: skipped too while a NaN model is saved as the result.
+MIN_CONSECUTIVE_SKIPS = 10
+
+
 class NonFiniteLossError(FloatingPointError):
     """Raised when an objective produces a NaN/Inf loss and ``on_nonfinite='raise'``."""
 
@@ -91,6 +97,7 @@ class ObjectiveTrainer(Trainer):
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._eval_sums: list[float] = [0.0, 0.0]
         self._skipped_batches = 0
+        self._consecutive_skips = 0  # on_nonfinite="skip": micro-batches skipped in a row
         self._deferred_metrics = 0  # micro-batches whose diagnostics are still device tensors
         self._objective_state_loaded = False
         super().__init__(*args, **kwargs)
@@ -157,6 +164,8 @@ class ObjectiveTrainer(Trainer):
         loss = out.loss
         if not torch.isfinite(loss.detach()).all():
             loss = self._handle_nonfinite(model, out)
+        else:
+            self._consecutive_skips = 0
         window = self._metrics["train"]
         for k, v in out.metrics.items():
             window[k].append(v)
@@ -179,6 +188,14 @@ class ObjectiveTrainer(Trainer):
                 f"or set objective.on_nonfinite: skip to drop such batches."
             )
         self._skipped_batches += 1
+        self._consecutive_skips += 1
+        limit = max(MIN_CONSECUTIVE_SKIPS, 3 * self.args.gradient_accumulation_steps)
+        if self._consecutive_skips >= limit:  # not a bad batch: the model itself has diverged
+            raise NonFiniteLossError(
+                f"non-finite loss in {self._consecutive_skips} micro-batches in a row at {where} ({term}): the model "
+                f"has diverged, skipping cannot help; restart from the last checkpoint with a lower learning rate "
+                f"or gradient clipping (training.max_grad_norm)"
+            )
         logger.warning("skipping a micro-batch with a non-finite loss at %s (%s)", where, term)
         # A zero that touches every trainable parameter: no gradient, no DDP 'unused parameter' error.
         return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)

@@ -120,6 +120,29 @@ def test_nonfinite_loss_skip_mode_counts_and_continues(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_skip_mode_stops_a_diverged_run(tmp_path):
+    """Every micro-batch non-finite from the 3rd on (a diverged model, not a bad batch): skip mode
+    stops after MIN_CONSECUTIVE_SKIPS of them in a row instead of 'training' to the end."""
+    from emo_trainer.trainer import MIN_CONSECUTIVE_SKIPS
+
+    class Diverged(_PoisonedEmo):
+        def token_stats(self, logits, targets, extras=None):
+            stats = super().token_stats(logits, targets, extras)
+            if self.calls >= self.poison_call:
+                stats["demd"] = stats["demd"] + float("inf")
+            return stats
+
+    steps = MIN_CONSECUTIVE_SKIPS + 6
+    trainer = ObjectiveTrainer(
+        model=make_tiny_gpt2(), args=_args(tmp_path, "skip", steps), objective=Diverged(3, cost_embedding="live"),
+        on_nonfinite="skip", train_dataset=_rows(), data_collator=CausalLMCollator(0),
+    )
+    with pytest.raises(NonFiniteLossError, match=f"{MIN_CONSECUTIVE_SKIPS} micro-batches in a row .* has diverged"):
+        trainer.train()
+    assert trainer.state.global_step == 2 + MIN_CONSECUTIVE_SKIPS - 1  # stopped there, not at the end
+    assert trainer._skipped_batches == MIN_CONSECUTIVE_SKIPS
+
+
 def test_cli_nonfinite_is_one_error_line(tmp_path, capsys, monkeypatch):
     from emo_trainer.objectives import mixce
 
