@@ -107,6 +107,12 @@ class ObjectiveTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self.objective.average_tokens_across_devices = bool(self.args.average_tokens_across_devices)
         self.objective.model_is_fresh = model_is_fresh
+        # A step-level factor (MiLe's α) is applied to the accumulated gradients after the step's
+        # last backward (training_step): exact gradient accumulation.  DeepSpeed owns the
+        # gradients, so there each micro-batch keeps its own factor.
+        self._step_scale = self.objective.step_scale_name is not None and not getattr(self, "is_deepspeed_enabled", False)
+        self.objective.defer_step_scale = self._step_scale
+        self._step_loss = None  # Σ of this step's micro-batch losses so far (with a step scale)
         try:
             self.objective.setup(self._unwrapped(self.model), self.processing_class)
         except ObjectiveError:
@@ -178,6 +184,23 @@ class ObjectiveTrainer(Trainer):
             self._deferred_metrics = 0
         return (loss, outputs) if return_outputs else loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not self._step_scale:
+            return loss
+        self._step_loss = loss if self._step_loss is None else self._step_loss + loss
+        if self.accelerator.sync_gradients:  # the step's last micro-batch: its backward is done
+            scale = self.objective.take_step_scale()
+            if scale is not None:
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(scale.to(p.grad.dtype))
+                # The Trainer logs the sum of what this returns over the step: make it scale × Σ.
+                loss = loss + (scale.to(loss.dtype) - 1) * self._step_loss
+                self._metrics["train"][self.objective.step_scale_name].append(scale.detach())
+            self._step_loss = None
+        return loss
+
     def _handle_nonfinite(self, model, out):
         bad = [k for k, v in out.metrics.items() if not math.isfinite(float(v))]
         where = f"step {self.state.global_step}, objective '{self.objective.name}'"
@@ -189,6 +212,7 @@ class ObjectiveTrainer(Trainer):
             )
         self._skipped_batches += 1
         self._consecutive_skips += 1
+        self.objective.discard_step_part()
         limit = max(MIN_CONSECUTIVE_SKIPS, 3 * self.args.gradient_accumulation_steps)
         if self._consecutive_skips >= limit:  # not a bad batch: the model itself has diverged
             raise NonFiniteLossError(

@@ -37,6 +37,8 @@ def test_mle_equals_builtin_causal_lm_loss():
 
 def _one_sgd_step(tmp_path, objective, per_device, accum, options=None):
     model = make_tiny_gpt2(seed=0)
+    with torch.no_grad():  # peaked, row-dependent predictions: entropies (MiLe's weights) differ by row
+        model.get_output_embeddings().weight.mul_(30.0)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     args = TrainingArguments(
         output_dir=str(tmp_path / f"run_{per_device}_{accum}"),
@@ -47,6 +49,7 @@ def _one_sgd_step(tmp_path, objective, per_device, accum, options=None):
         optim="sgd",
         lr_scheduler_type="constant",
         max_grad_norm=0.0,
+        logging_steps=1,
         weight_decay=0.0,
         report_to="none",
         save_strategy="no",
@@ -61,7 +64,8 @@ def _one_sgd_step(tmp_path, objective, per_device, accum, options=None):
     )
     trainer.train()
     # SGD with lr 1: the update is minus the gradient
-    return {k: before[k] - v.detach() for k, v in model.named_parameters()}
+    update = {k: before[k] - v.detach() for k, v in model.named_parameters()}
+    return update, [h for h in trainer.state.log_history if "loss" in h][0]
 
 
 @pytest.mark.parametrize(
@@ -71,15 +75,20 @@ def _one_sgd_step(tmp_path, objective, per_device, accum, options=None):
         ("mixce", {"eta": 0.1}),
         ("emo", {"mode": 1}),
         ("emo", {"mode": 2, "cost_embedding": "live"}),
-        ("mile", {"gamma": 0.0}),  # MiLe's alpha is per micro-batch: exact only at gamma 0 (see mile.py)
+        ("mile", {"gamma": 0.0}),
+        ("mile", {"gamma": 1.0}),  # α of the whole step, applied after the last backward (trainer.py)
+        ("mile", {"gamma": 2.0}),
     ],
 )
 def test_gradient_accumulation_equals_big_batch(tmp_path, objective, options):
-    big = _one_sgd_step(tmp_path, objective, per_device=4, accum=1, options=options)
-    acc = _one_sgd_step(tmp_path, objective, per_device=1, accum=4, options=options)
+    big, big_log = _one_sgd_step(tmp_path, objective, per_device=4, accum=1, options=options)
+    acc, acc_log = _one_sgd_step(tmp_path, objective, per_device=1, accum=4, options=options)
     for k in big:
         assert torch.allclose(big[k], acc[k], atol=1e-5, rtol=0), k
     assert any(v.abs().max() > 1e-4 for v in big.values())  # the step really moved the weights
+    assert acc_log["loss"] == pytest.approx(big_log["loss"], rel=1e-5)  # and logs the same loss
+    if objective == "mile" and options["gamma"]:  # the step's α, logged once per step
+        assert acc_log["alpha"] == pytest.approx(big_log["alpha"], rel=1e-6) and big_log["alpha"] != 1.0
 
 
 def test_deferred_metrics_are_read_in_batches_when_nothing_logs(tmp_path, monkeypatch):

@@ -101,6 +101,14 @@ class Objective:
     #: instead of reading them on the host: no host↔device synchronisation per micro-batch.
     #: ``ObjectiveTrainer`` sets it while it computes a training loss and reads the values when it logs.
     defer_metrics: bool = False
+    #: Set by ``ObjectiveTrainer`` (when it can rescale gradients): an objective whose loss carries
+    #: a stop-gradient scalar factor of the *whole step's* batch (MiLe's α) leaves it out of each
+    #: micro-batch's loss and reports its parts; the trainer multiplies the accumulated gradients
+    #: and the logged loss by :meth:`take_step_scale` after the step's last backward, so gradient
+    #: accumulation equals the big batch exactly.
+    defer_step_scale: bool = False
+    #: The log key of that factor (the trainer logs its value per optimizer step).
+    step_scale_name: ClassVar[str | None] = None
 
     def __init__(self) -> None:
         self.average_tokens_across_devices = False
@@ -136,6 +144,15 @@ class Objective:
 
     def on_step_begin(self, model: torch.nn.Module, step: int) -> None:
         """Called before each optimizer step's first micro-batch."""
+
+    def take_step_scale(self) -> torch.Tensor | None:
+        """The step-level factor of the micro-batches computed since the last call (reduced over
+        processes; every process must call it at the same step), or None when there is none;
+        forgets those micro-batches.  Only used with ``defer_step_scale``."""
+        return None
+
+    def discard_step_part(self) -> None:
+        """Forget the last micro-batch's share of the step factor (the trainer skipped it)."""
 
     def forward_context(self) -> AbstractContextManager:
         """Context the trainer enters around the model's training forward (and the backward that

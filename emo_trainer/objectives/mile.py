@@ -16,14 +16,15 @@ rank has the same mean weight W_r / n_r (e.g. n = 10 on both ranks with W = 20 a
 0.417 vs 0.400).  We chose the global ratio for the exact equality.  Every rank must therefore
 call the loss the same number of times.
 
-Gradient accumulation: α is formed per micro-batch (the other micro-batches do not exist
-yet when this one is back-propagated).  Accumulating k micro-batches equals one batch k times
-larger *exactly* only when every micro-batch has the same mean weight Σw/n (always for γ = 0);
-otherwise it is Σ_m α_m·Σ_{i∈m} w_i·CE_i / n_total: each micro-batch's weights are taken
-relative to its own mean.  The gap grows with how much the micro-batches' mean entropies
-differ: small for micro-batches drawn from the same data, but two deliberately different
-micro-batches (near-uniform vs confident predictions) gave 11% in loss and 28% in gradient
-(tests/test_objective_mile.py pins the per-micro-batch formula).
+Gradient accumulation: under :class:`~emo_trainer.trainer.ObjectiveTrainer` it is exact.  The
+trainer sets ``defer_step_scale``: each micro-batch's loss is Σ w_i·CE_i / n_total without α and
+records its (n_valid, Σw); after the step's last backward the trainer forms α from the step's
+totals (all-reduced over ranks) and multiplies the accumulated gradients, and the logged loss,
+by it — before gradient clipping.  So k micro-batches equal one batch k times larger (tested,
+γ = 1 and 2), and ``alpha`` is logged once per optimizer step.  (Under DeepSpeed, which owns the
+gradients, and when the objective is called directly, α is formed per call as above: k calls
+then give Σ_m α_m·Σ_{i∈m} w_i·CE_i / n_total, each micro-batch's weights relative to its own
+mean — two deliberately different micro-batches gave 11% in loss and 28% in gradient.)
 """
 
 from __future__ import annotations
@@ -57,12 +58,14 @@ class MileObjective(Objective):
     """
 
     name = "mile"
+    step_scale_name = "alpha"
 
     def __init__(self, gamma: float = 1.0) -> None:
         super().__init__()
         if not math.isfinite(gamma):
             raise ValueError(f"MiLe gamma must be a finite number (0 = MLE), got {gamma!r}")
         self.gamma = float(gamma)
+        self._step_parts: list[torch.Tensor] = []  # (n_valid, Σw) per micro-batch, with defer_step_scale
 
     def options(self) -> dict[str, Any]:
         return {"gamma": self.gamma}
@@ -78,16 +81,35 @@ class MileObjective(Objective):
     def combine(self, stats, valid, extras=None):
         ce, entropy = stats["ce"], stats["entropy"].detach()
         weight = torch.where(valid, (SIGMA + entropy).pow(self.gamma), torch.zeros_like(entropy))
-        # One all-reduce of (n_valid, Σw): α of the global batch, identical on every rank.
-        totals = _all_reduce_sum(torch.stack([valid.sum().to(weight.dtype), weight.sum()]))
-        # No valid token anywhere: Σw = 0 and α would be 0/0; any finite α gives a zero loss.
-        alpha = totals[0] / totals[1].clamp_min(torch.finfo(weight.dtype).tiny)
+        parts = torch.stack([valid.sum().to(weight.dtype), weight.sum()])
         per_token = weight * ce
-        loss_sum = alpha * torch.where(valid, per_token, torch.zeros_like(per_token)).sum()
+        weighted = torch.where(valid, per_token, torch.zeros_like(per_token)).sum()
         metrics = {
             "ce": masked_mean(ce, valid),
             "entropy": masked_mean(entropy, valid),
             "weight": masked_mean(weight, valid),
-            "alpha": alpha,
         }
-        return loss_sum, metrics
+        if self.defer_step_scale:  # α of the whole step is applied by the trainer (take_step_scale)
+            self._step_parts.append(parts.detach())
+            return weighted, metrics
+        # One all-reduce of (n_valid, Σw): α of the global batch, identical on every rank.
+        alpha = _alpha(_all_reduce_sum(parts))
+        metrics["alpha"] = alpha
+        return alpha * weighted, metrics
+
+    def take_step_scale(self):
+        if not self._step_parts:
+            return None
+        totals = _all_reduce_sum(torch.stack(self._step_parts).sum(0))
+        self._step_parts = []
+        return _alpha(totals)
+
+    def discard_step_part(self):
+        if self._step_parts:
+            self._step_parts.pop()
+
+
+def _alpha(totals: torch.Tensor) -> torch.Tensor:
+    """α = n_valid / Σw from ``(n_valid, Σw)``.  No valid token anywhere: Σw = 0 and α would be
+    0/0; any finite α then gives a zero loss."""
+    return totals[0] / totals[1].clamp_min(torch.finfo(totals.dtype).tiny)
