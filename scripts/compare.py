@@ -14,6 +14,17 @@ Writes ``compare.png`` (eval loss, perplexity, MAUVE and diversity against the t
 line per run, ± std bands when several sampling seeds were used, the human diversity as a dashed
 line) and ``compare.md`` (one row per run at its last evaluation, plus the human reference row),
 and prints the table.
+
+Rows are labelled uniquely: the directory name (or, for a scripts/evaluate.py JSON, the checkpoint
+path it records), lengthened with the parent directories, or suffixed with the JSON file, where two
+would read the same. The objective of a JSON row is the ``objective`` evaluate.py recorded (else
+the run config next to the checkpoint path, if it is still there). Rows evaluated on different data
+(different human references, or different ``eval_data_sha256`` in evaluate.py JSONs) get a
+``data`` column (A, B, ...), one human row per data set and a warning: their numbers are not
+comparable across data sets.
+
+Bad input (a missing run, a directory without logs, a JSON that is not an evaluate.py result,
+wrong ``--labels``) gives one line ``error: ...`` and exit code 2.
 """
 
 from __future__ import annotations
@@ -44,12 +55,18 @@ def make_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- reading runs
 
 
+class CompareError(ValueError):
+    """Bad input: reported as one line ``error: ...``, exit code 2."""
+
+
 def find_state(run: Path) -> Path:
+    if not run.exists():
+        raise CompareError(f"{run}: no such run directory (or evaluate.py JSON file)")
     if (run / "trainer_state.json").is_file():
         return run / "trainer_state.json"
     ckpts = sorted(run.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1]))
     if not ckpts:
-        raise SystemExit(f"{run}: no trainer_state.json (nor checkpoint-*/trainer_state.json); is it a run directory?")
+        raise CompareError(f"{run}: no trainer_state.json (nor checkpoint-*/trainer_state.json); is it a run directory?")
     return ckpts[-1]
 
 
@@ -68,22 +85,42 @@ def eval_events(log_history: list[dict]) -> list[dict]:
     return events
 
 
-def objective_of(run: Path) -> str:
+def _run_config(run: Path) -> dict:
     for d in (run, run.parent):
         cfg = d / "emo_trainer_config.yaml"
         if cfg.is_file():
             import yaml
 
-            raw = yaml.safe_load(cfg.read_text()) or {}
-            return str((raw.get("objective") or {}).get("name", "?"))
-    return "?"
+            try:
+                raw = yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}
+            except (yaml.YAMLError, UnicodeDecodeError):
+                return {}
+            return raw if isinstance(raw, dict) else {}
+    return {}
+
+
+def objective_of(run: Path) -> str:
+    raw = _run_config(run)
+    if not raw:
+        return "?"
+    obj = raw.get("objective") or {}
+    return str(obj.get("name", "?")) if isinstance(obj, dict) else str(obj)
+
+
+def _data_of_run(run: Path) -> str:
+    """Words for the eval data of a run, from its saved config."""
+    data = _run_config(run).get("data") or {}
+    if not isinstance(data, dict):
+        return f"eval split of {run}"
+    what = data.get("validation_files") or data.get("dataset") or data.get("train_files")
+    return f"eval split of {run}" + (f" ({what})" if what else "")
 
 
 def read_run(path: Path) -> dict:
     state = json.loads(find_state(path).read_text())
     events = eval_events(state.get("log_history", []))
     if not events:
-        raise SystemExit(f"{path}: no evaluation in its log history (was eval_strategy set?)")
+        raise CompareError(f"{path}: no evaluation in its log history (was eval_strategy set?)")
     curve: dict[int, dict] = {}
     for e in events:  # the first evaluation at a step is the training-time one
         curve.setdefault(e["step"], e)
@@ -95,17 +132,90 @@ def read_run(path: Path) -> dict:
                 final.pop(f"{k}_std", None)
     reference = {k: v for e in events for k, v in e.items() if k.startswith("eval_ref_")}
     return {"curve": [curve[s] for s in sorted(curve)], "final": final, "reference": reference,
-            "objective": objective_of(path)}
+            "objective": objective_of(path), "source": path, "data_id": None, "data": _data_of_run(path)}
 
 
 def read_results_json(path: Path) -> list[tuple[str, dict]]:
-    res = json.loads(path.read_text())
+    try:
+        res = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CompareError(f"{path}: not valid JSON ({e}); expected a scripts/evaluate.py result") from None
+    if not isinstance(res, dict) or not isinstance(res.get("checkpoints"), dict):
+        raise CompareError(f"{path}: no 'checkpoints' in it; expected a scripts/evaluate.py result")
+    protocol = res.get("protocol") or {}
+    source = protocol.get("eval_source")
+    if isinstance(source, list):
+        source = ", ".join(map(str, source))
+    data = f"{source or 'unknown eval data'} (evaluated in {path})"
+    data_id = protocol.get("eval_data_sha256")
     runs = []
-    ref = {f"eval_{k}": v for k, v in res.get("reference", {}).items()}
-    for name, r in res.get("checkpoints", {}).items():
-        final = {f"eval_{k}": v for k, v in r.items() if isinstance(v, (int, float))}
-        runs.append((name, {"curve": [], "final": final, "reference": ref, "objective": "?"}))
+    ref = {f"eval_{k}": v for k, v in (res.get("reference") or {}).items()}
+    for name, r in res["checkpoints"].items():
+        final = {f"eval_{k}": v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        objective = r.get("objective") or objective_of(Path(name))  # older JSONs: the run config, if still there
+        runs.append((name, {"curve": [], "final": final, "reference": ref, "objective": objective, "source": path,
+                            "data_id": data_id, "data": data}))
     return runs
+
+
+# --------------------------------------------------------------------------- labels and data sets
+
+
+def unique_labels(runs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """Make the row labels unique: a run directory's name grows into its parent directories
+    (``a/mle``, ``b/mle``); a JSON row gets the JSON file appended (``runs/mle/final [r1.json]``);
+    what is still the same (the same path given twice) is numbered."""
+    labels = [name for name, _ in runs]
+    for name in sorted({n for n in labels if labels.count(n) > 1}):
+        idx = [i for i, n in enumerate(labels) if n == name]
+        parts = [Path(runs[i][1].get("source") or name).parts for i in idx]
+        suffixes = None
+        for k in range(1, max(len(p) for p in parts) + 1):
+            cand = ["/".join(p[-k:]) for p in parts]
+            if len(set(cand)) == len(cand):
+                suffixes = cand
+                break
+        for j, i in enumerate(idx):
+            if suffixes is None:
+                labels[i] = f"{name} #{j + 1}"
+            elif runs[i][1].get("source") is not None and Path(runs[i][1]["source"]).suffix == ".json":
+                labels[i] = f"{name} [{suffixes[j]}]"
+            else:
+                labels[i] = suffixes[j] if suffixes[j] != name else f"{name} #{j + 1}"
+    seen: dict[str, int] = {}
+    for i, n in enumerate(labels):  # anything a lengthened label collides with
+        seen[n] = seen.get(n, 0) + 1
+        if seen[n] > 1:
+            labels[i] = f"{n} #{seen[n]}"
+    return [(label, r) for label, (_, r) in zip(labels, runs)]
+
+
+def data_sets(runs: list[tuple[str, dict]]) -> list[dict]:
+    """Group the rows by the data they were evaluated on; sets ``r["data_set"]`` (an index) on each row.
+
+    Two rows share a data set when their human references are equal and, where both are known,
+    their ``eval_data_sha256`` too. Returns one dict per set: ``reference``, ``data`` (words), ``rows``.
+    """
+    sets: list[dict] = []
+    for name, r in runs:
+        ref_key = tuple(sorted((k, round(v, 10) if isinstance(v, float) else v) for k, v in r["reference"].items()))
+        for i, s in enumerate(sets):
+            if s["ref_key"] == ref_key and (s["data_id"] is None or r["data_id"] is None or s["data_id"] == r["data_id"]):
+                s["data_id"] = s["data_id"] or r["data_id"]
+                break
+        else:
+            sets.append({"ref_key": ref_key, "data_id": r["data_id"], "reference": r["reference"], "data": r["data"],
+                         "rows": []})
+            i = len(sets) - 1
+        if not sets[i]["reference"] and r["reference"]:
+            sets[i]["reference"] = r["reference"]
+        sets[i]["rows"].append(name)
+        r["data_set"] = i
+    return sets
+
+
+def _letter(i: int) -> str:
+    return chr(ord("A") + i) if i < 26 else f"D{i + 1}"
 
 
 # --------------------------------------------------------------------------- outputs
@@ -119,21 +229,35 @@ def _fmt(value, std=None) -> str:
 
 
 def markdown_table(runs: list[tuple[str, dict]]) -> str:
-    head = "| run | objective | step | " + " | ".join(t for _, t in TABLE) + " |"
-    lines = [head, "|" + "---|" * (3 + len(TABLE))]
+    sets = data_sets(runs)
+    several = len(sets) > 1
+    data_col = " data |" if several else ""
+    head = "| run | objective |" + data_col + " step | " + " | ".join(t for _, t in TABLE) + " |"
+    lines = [head, "|" + "---|" * (3 + several + len(TABLE))]
     for name, r in runs:
         f = r["final"]
         cells = [_fmt(f.get(k), f.get(f"{k}_std")) for k, _ in TABLE]
-        lines.append(f"| {name} | {r['objective']} | {f.get('step', '–')} | " + " | ".join(cells) + " |")
-    ref = next((r["reference"] for _, r in runs if r["reference"]), None)
-    if ref:
-        cells = [_fmt(ref.get(k.replace("eval_", "eval_ref_", 1))) for k, _ in TABLE]
-        lines.append("| human (reference continuations) | – | – | " + " | ".join(cells) + " |")
-    n = next((r["final"].get("eval_mauve_num_samples") for _, r in runs if "eval_mauve_num_samples" in r["final"]),
-             None)
-    if n is not None:
+        data = f" {_letter(r['data_set'])} |" if several else ""
+        lines.append(f"| {name} | {r['objective']} |{data} {f.get('step', '–')} | " + " | ".join(cells) + " |")
+    for i, s in enumerate(sets):
+        ref = s["reference"]
+        if ref:
+            cells = [_fmt(ref.get(k.replace("eval_", "eval_ref_", 1))) for k, _ in TABLE]
+            label, data = (f"human (reference continuations, data {_letter(i)})", f" {_letter(i)} |") if several \
+                else ("human (reference continuations)", "")
+            lines.append(f"| {label} | – |{data} – | " + " | ".join(cells) + " |")
+    notes = []
+    if several:
+        notes.append(f"Evaluated on {len(sets)} different data sets: "
+                     + "; ".join(f"{_letter(i)} = {s['data']}" for i, s in enumerate(sets))
+                     + ". Compare rows within one data set only.")
+    ns = sorted({int(r["final"]["eval_mauve_num_samples"]) for _, r in runs if "eval_mauve_num_samples" in r["final"]})
+    if ns:
+        text = " / ".join(map(str, ns))
+        notes.append(f"MAUVE on {text} samples per side" + (" (under 500: noisy, biased upward)." if ns[0] < 500 else "."))
+    for note in notes:
         lines.append("")
-        lines.append(f"MAUVE on {int(n)} samples per side" + (" (under 500: noisy, biased upward)." if n < 500 else "."))
+        lines.append(note)
     return "\n".join(lines) + "\n"
 
 
@@ -161,9 +285,12 @@ def plot(runs: list[tuple[str, dict]], path: Path, title: str | None = None) -> 
                 ax.fill_between(steps, lo, hi, color=color, alpha=0.2, linewidth=0)
             drawn = True
         if key == "eval_diversity":
-            ref = next((r["reference"].get("eval_ref_diversity") for _, r in runs if r["reference"]), None)
-            if ref is not None:
-                ax.axhline(ref, color="black", linestyle="--", linewidth=1, label="human")
+            sets = data_sets(runs)
+            refs = [(i, s["reference"].get("eval_ref_diversity")) for i, s in enumerate(sets) if s["reference"]]
+            styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
+            for j, (i, ref) in enumerate(r for r in refs if r[1] is not None):
+                name = "human" if len(sets) == 1 else f"human (data {_letter(i)})"
+                ax.axhline(ref, color="black", linestyle=styles[j % len(styles)], linewidth=1, label=name)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
@@ -191,17 +318,38 @@ def plot(runs: list[tuple[str, dict]], path: Path, title: str | None = None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    try:
+        return _compare(args)
+    except CompareError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+def _compare(args) -> int:
     runs: list[tuple[str, dict]] = []
-    for i, item in enumerate(args.runs):
+    for item in args.runs:
         path = Path(item)
-        if path.is_file() and path.suffix == ".json":
+        if path.suffix == ".json" and not path.is_dir():
+            if not path.is_file():
+                raise CompareError(f"{path}: no such file")
             runs.extend(read_results_json(path))
         else:
-            runs.append((path.name or str(path), read_run(path)))
+            runs.append((path.resolve().name if path.name in ("", ".", "..") else path.name, read_run(path)))
     if args.labels:
         if len(args.labels) != len(runs):
-            raise SystemExit(f"--labels: {len(args.labels)} labels for {len(runs)} runs")
+            raise CompareError(f"--labels: {len(args.labels)} labels for {len(runs)} rows "
+                               f"({', '.join(name for name, _ in runs)})")
+        dupes = sorted({x for x in args.labels if args.labels.count(x) > 1})
+        if dupes:
+            raise CompareError(f"--labels: {', '.join(dupes)} given twice; every row needs its own label")
         runs = [(label, r) for label, (_, r) in zip(args.labels, runs)]
+    else:
+        runs = unique_labels(runs)
+    sets = data_sets(runs)
+    if len(sets) > 1:
+        print(f"warning: the rows were evaluated on {len(sets)} different data sets ("
+              + "; ".join(f"{_letter(i)}: {', '.join(s['rows'])}" for i, s in enumerate(sets))
+              + "): compare numbers within a data set only", file=sys.stderr)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(runs)

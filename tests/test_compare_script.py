@@ -68,15 +68,127 @@ def test_plot_and_table(runs, tmp_path):
     assert "64 samples per side (under 500" in table
 
 
-def test_labels_and_results_json(runs, tmp_path):
+def test_labels_and_results_json(runs, tmp_path, capsys):
     script = _script()
-    with pytest.raises(SystemExit, match="labels"):
-        script.main([str(runs / "mle"), "--labels", "a", "b", "--output-dir", str(tmp_path)])
+    assert script.main([str(runs / "mle"), "--labels", "a", "b", "--output-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: --labels: 2 labels for 1 rows (mle)"]
     res = {"reference": {"ref_diversity": 0.8}, "checkpoints": {"ckpt": {"perplexity": 12.0, "mauve": 0.9,
                                                                           "mauve_std": 0.01, "per_seed": []}}}
     (tmp_path / "r.json").write_text(json.dumps(res))
     assert script.main([str(tmp_path / "r.json"), "--output-dir", str(tmp_path / "o")]) == 0
     table = (tmp_path / "o" / "compare.md").read_text()
     assert "| ckpt | ? | – | – | 12 | 0.9 ± 0.01 |" in table and not (tmp_path / "o" / "compare.png").exists()
-    with pytest.raises(SystemExit, match="no trainer_state"):
-        script.main([str(tmp_path / "o"), "--output-dir", str(tmp_path)])
+    assert script.main([str(tmp_path / "o"), "--output-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {tmp_path / 'o'}: no trainer_state.json (nor checkpoint-*/trainer_state.json); is it a run directory?"]
+
+
+def _evaluate_json(path: Path, source: str, sha: str, ref_diversity: float, checkpoints: dict) -> Path:
+    """A scripts/evaluate.py result (the keys compare.py reads)."""
+    path.write_text(json.dumps({
+        "protocol": {"eval_source": [source], "eval_data_sha256": sha, "num_prompts_built": 64},
+        "reference": {"ref_diversity": ref_diversity, "ref_rep_4": 0.02},
+        "checkpoints": {name: {"perplexity": ppl, "mauve": mauve, "mauve_num_samples": 64, "objective": obj,
+                               "sampler": "x", "per_seed": []} for name, (ppl, mauve, obj) in checkpoints.items()},
+    }))
+    return path
+
+
+def _rows(table: str) -> list[str]:
+    return [line for line in table.splitlines() if line.startswith("| ")]
+
+
+def test_results_json_on_different_data(tmp_path, capsys):
+    """Same checkpoints evaluated on two data sets: unique labels, objectives, one human row per data set."""
+    ckpts = {"runs/mle/final": (20.0, 0.8, "mle"), "runs/sm/final": (21.0, 0.7, "sequencematch")}
+    a = _evaluate_json(tmp_path / "wiki.json", "wiki.test.raw", "aaaa", 0.8, ckpts)
+    b = _evaluate_json(tmp_path / "web.json", "web.txt", "bbbb", 0.6, {"runs/mle/final": (30.0, 0.5, "mle")})
+    out = tmp_path / "cmp"
+    assert _script().main([str(a), str(b), "--output-dir", str(out)]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: the rows were evaluated on 2 different data sets (A: runs/mle/final [wiki.json], runs/sm/final; "
+        "B: runs/mle/final [web.json]): compare numbers within a data set only"]
+    table = (out / "compare.md").read_text()
+    assert _rows(table) == [
+        "| run | objective | data | step | eval loss | perplexity | MAUVE | diversity | rep-2 | rep-4 | seq-rep-4 | "
+        "distinct-2 | length |",
+        "| runs/mle/final [wiki.json] | mle | A | – | – | 20 | 0.8 | – | – | – | – | – | – |",
+        "| runs/sm/final | sequencematch | A | – | – | 21 | 0.7 | – | – | – | – | – | – |",
+        "| runs/mle/final [web.json] | mle | B | – | – | 30 | 0.5 | – | – | – | – | – | – |",
+        "| human (reference continuations, data A) | – | A | – | – | – | – | 0.8 | – | 0.02 | – | – | – |",
+        "| human (reference continuations, data B) | – | B | – | – | – | – | 0.6 | – | 0.02 | – | – | – |",
+    ]
+    assert ("Evaluated on 2 different data sets: A = wiki.test.raw (evaluated in " + str(a) + "); B = web.txt "
+            "(evaluated in " + str(b) + "). Compare rows within one data set only.") in table
+
+
+def test_results_json_same_data_and_run_directories(runs, tmp_path, capsys):
+    """The same data twice: one human row, no data column; same-named rows and directories disambiguated."""
+    a = _evaluate_json(tmp_path / "r1.json", "wiki.test.raw", "aaaa", 0.8, {"runs/mle/final": (20.0, 0.8, "mle")})
+    (tmp_path / "x").mkdir()
+    b = _evaluate_json(tmp_path / "x" / "r1.json", "wiki.test.raw", "aaaa", 0.8,
+                       {"runs/mle/final": (19.0, 0.81, "mle")})
+    out = tmp_path / "cmp"
+    assert _script().main([str(a), str(b), "--output-dir", str(out)]) == 0
+    assert capsys.readouterr().err == ""
+    rows = _rows((out / "compare.md").read_text())
+    assert [r.split(" | ")[0:2] for r in rows[1:]] == [
+        [f"| runs/mle/final [{tmp_path.name}/r1.json]", "mle"], ["| runs/mle/final [x/r1.json]", "mle"],
+        ["| human (reference continuations)", "–"]]
+
+    # two run directories both named "mle": labelled by their parents
+    other = tmp_path / "other" / "mle"
+    other.mkdir(parents=True)
+    (other / "trainer_state.json").write_text(json.dumps({"log_history": _history(2.0, False)}))
+    assert _script().main([str(runs / "mle"), str(other), "--output-dir", str(out)]) == 0
+    rows = _rows((out / "compare.md").read_text())
+    assert [r.split(" | ")[0:2] for r in rows[1:3]] == [[f"| {runs.name}/mle", "mle"], ["| other/mle", "?"]]
+    assert len(rows) == 4 and rows[3].startswith("| human (reference continuations) |")  # same references
+
+    assert _script().main([str(runs / "mle"), str(other), "--labels", "x", "x", "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: --labels: x given twice; every row needs its own label"]
+
+
+def test_objective_of_an_older_json_from_the_run_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "emo" / "final").mkdir(parents=True)
+    (tmp_path / "runs" / "emo" / "emo_trainer_config.yaml").write_text("objective:\n  name: emo\n")
+    res = {"reference": {}, "checkpoints": {"runs/emo/final": {"perplexity": 12.0}}}  # no "objective" key
+    (tmp_path / "r.json").write_text(json.dumps(res))
+    assert _script().main(["r.json", "--output-dir", "o"]) == 0
+    assert "| runs/emo/final | emo | – | – | 12 |" in (tmp_path / "o" / "compare.md").read_text()
+
+
+def test_run_directories_on_different_data(runs, tmp_path):
+    state = runs / "emo" / "checkpoint-100" / "trainer_state.json"
+    history = json.loads(state.read_text())["log_history"]
+    for h in history:
+        if "eval_ref_diversity" in h:
+            h["eval_ref_diversity"] = 0.7
+    state.write_text(json.dumps({"log_history": history}))
+    out = tmp_path / "cmp"
+    assert _script().main([str(runs / "mle"), str(runs / "emo"), "--output-dir", str(out)]) == 0
+    rows = _rows((out / "compare.md").read_text())
+    assert rows[1].startswith("| mle | mle | A | 100 |") and rows[2].startswith("| emo | emo | B | 100 |")
+    assert rows[3].startswith("| human (reference continuations, data A) | – | A | – | – | – | – | 0.8 |")
+    assert rows[4].startswith("| human (reference continuations, data B) | – | B | – | – | – | – | 0.7 |")
+
+
+@pytest.mark.parametrize("case", ["missing", "not_json", "not_results"])
+def test_bad_input_one_line_exit_2(case, tmp_path, capsys):
+    path = tmp_path / "r.json"
+    if case == "not_json":
+        path.write_text("{oops")
+    elif case == "not_results":
+        path.write_text("[1, 2]")
+    expected = {
+        "missing": f"error: {path}: no such file",
+        "not_json": f"error: {path}: not valid JSON (Expecting property name enclosed in double quotes: line 1 "
+                    "column 2 (char 1)); expected a scripts/evaluate.py result",
+        "not_results": f"error: {path}: no 'checkpoints' in it; expected a scripts/evaluate.py result",
+    }[case]
+    assert _script().main([str(path), "--output-dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.splitlines() == [expected]
+    assert _script().main([str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {tmp_path / 'nope'}: no such run directory (or "
+                                                    "evaluate.py JSON file)"]
