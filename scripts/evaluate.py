@@ -174,8 +174,8 @@ def _check_eval(e: EvalConfig) -> None:
         (e.top_k >= 0, f"eval.top_k: must be >= 0 (0 = no top-k), got {e.top_k}"),
         (len(e.seeds) > 0, "eval.seeds: give at least one sampling seed"),
         (e.prompt_words >= 0 and e.continuation_words >= 1,
-         f"eval.prompt_words / eval.continuation_words: must be >= 0 / >= 1, got {e.prompt_words} / "
-         f"{e.continuation_words}"),
+         (f"eval.prompt_words / eval.continuation_words: must be >= 0 / >= 1, got {e.prompt_words} / "
+         f"{e.continuation_words}")),
         (e.mauve_pooling in ("auto", "last", "mean"),
          f"eval.mauve_pooling: must be one of 'auto', 'last', 'mean', got {e.mauve_pooling!r}"),
         (e.mauve_scaling_factor > 0, f"eval.mauve_scaling_factor: must be > 0, got {e.mauve_scaling_factor}"),
@@ -237,7 +237,7 @@ def _read_files(files: list[str], fmt: str, column: str) -> list[str]:
     kwargs = {"keep_linebreaks": False} if fmt == "text" else {}
     try:
         ds = datasets.load_dataset(fmt, data_files={"eval": list(files)}, **kwargs)["eval"]
-    except Exception as e:  # datasets raises many types for unreadable files
+    except Exception as e:  # noqa: BLE001 - datasets raises many types for unreadable files
         reason = " ".join(str(e).split())[:200]
         raise _usage_error(f"--eval-files: could not read {', '.join(files)} as {fmt} ({type(e).__name__}: "
                            f"{reason})") from None

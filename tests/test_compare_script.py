@@ -106,12 +106,12 @@ def test_results_json_on_different_data(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert _script().main([str(a), str(b), "--output-dir", str(out)]) == 0
     assert capsys.readouterr().err.splitlines() == [
-        "warning: the rows were evaluated on 2 different data sets (A: runs/mle/final [wiki.json], runs/sm/final; "
-        "B: runs/mle/final [web.json]): compare numbers within a data set only"]
+        ("warning: the rows were evaluated on 2 different data sets (A: runs/mle/final [wiki.json], runs/sm/final; "
+        "B: runs/mle/final [web.json]): compare numbers within a data set only")]
     table = (out / "compare.md").read_text()
     assert _rows(table) == [
-        "| run | objective | data | step | eval loss | perplexity | MAUVE | diversity | rep-2 | rep-4 | seq-rep-4 | "
-        "distinct-2 | length |",
+        ("| run | objective | data | step | eval loss | perplexity | MAUVE | diversity | rep-2 | rep-4 | seq-rep-4 | "
+        "distinct-2 | length |"),
         "| runs/mle/final [wiki.json] | mle | A | – | – | 20 | 0.8 | – | – | – | – | – | – |",
         "| runs/sm/final | sequencematch | A | – | – | 21 | 0.7 | – | – | – | – | – | – |",
         "| runs/mle/final [web.json] | mle | B | – | – | 30 | 0.5 | – | – | – | – | – | – |",
@@ -190,5 +190,5 @@ def test_bad_input_one_line_exit_2(case, tmp_path, capsys):
     assert _script().main([str(path), "--output-dir", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.splitlines() == [expected]
     assert _script().main([str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err.splitlines() == [f"error: {tmp_path / 'nope'}: no such run directory (or "
-                                                    "evaluate.py JSON file)"]
+    assert capsys.readouterr().err.splitlines() == [(f"error: {tmp_path / 'nope'}: no such run directory (or "
+                                                    "evaluate.py JSON file)")]

@@ -246,30 +246,30 @@ EARLY_ERRORS = {
     "eval_negative_flag": (["--num-prompts", "-3"],
                            "error: eval.num_prompts: must be >= 0 (0 = no generation), got -3"),
     "eval_no_equals": (["--eval", "num_prompts"],
-                       "error: --eval num_prompts: expected KEY=VALUE with KEY an eval: key, e.g. --eval "
-                       "num_prompts=200"),
+                       ("error: --eval num_prompts: expected KEY=VALUE with KEY an eval: key, e.g. --eval "
+                       "num_prompts=200")),
     "eval_unknown_key": (["--eval", "num_promts=1"],
-                         "error: unknown key 'eval.num_promts' (did you mean num_prompts?); valid keys: generation, "
+                         ("error: unknown key 'eval.num_promts' (did you mean num_prompts?); valid keys: generation, "
                          "num_prompts, prompt_words, continuation_words, max_new_tokens, temperature, top_k, top_p, "
                          "batch_size, seeds, mauve, mauve_featurizer, mauve_max_text_length, mauve_scaling_factor, "
                          "mauve_kmeans_seed, mauve_kmeans_num_redo, mauve_kmeans_max_iter, mauve_pooling, "
-                         "mauve_device, featurizer_batch_size"),
+                         "mauve_device, featurizer_batch_size")),
     "eval_file_missing": (["--eval-files", "TMP/nope.txt"], "error: --eval-files: file not found: TMP/nope.txt"),
     "eval_file_format": (["--eval-files", "TMP/notes.docx"],
-                         "error: --eval-files: use files of one format among .csv, .json, .jsonl, .parquet, .raw, "
-                         ".text, .tokens, .txt; got .docx"),
+                         ("error: --eval-files: use files of one format among .csv, .json, .jsonl, .parquet, .raw, "
+                         ".text, .tokens, .txt; got .docx")),
     "block_size": (["--block-size", "1"], "error: --block-size: must be at least 2 tokens, got 1"),
     "sampler_module": (["--sampler", "no_such_module:f"],
-                       "error: --sampler no_such_module:f: cannot import no_such_module (No module named "
-                       "'no_such_module')"),
+                       ("error: --sampler no_such_module:f: cannot import no_such_module (No module named "
+                       "'no_such_module')")),
     "sampler_function": (["--sampler", "emo_trainer.generation:nope"],
                          "error: --sampler emo_trainer.generation:nope: emo_trainer.generation has no function nope"),
     "featurizer_offline": (["--featurizer", "emo-trainer-test/no-such-featurizer"], None),  # checked below
     "featurizer_not_a_model": (["--featurizer", "TMP"],
-                               f"error: MAUVE featurizer 'TMP': not a model directory (no config.json); "
-                               f"{FIX_FEATURIZER}"),
-    "output_is_dir": (["--output", "TMP"], "error: --output TMP: is a directory; give a file name, e.g. "
-                                           "TMP/results.json"),
+                               (f"error: MAUVE featurizer 'TMP': not a model directory (no config.json); "
+                               f"{FIX_FEATURIZER}")),
+    "output_is_dir": (["--output", "TMP"], ("error: --output TMP: is a directory; give a file name, e.g. "
+                                           "TMP/results.json")),
     "missing_config": (["--config", "TMP/nope.yaml"], "error: config file not found: TMP/nope.yaml"),
 }
 
@@ -308,20 +308,20 @@ def test_checkpoint_path_errors(setup, tmp_path, capsys, monkeypatch):
     cases = [
         # a missing checkpoint says so, with or without --eval-files (it used to say "no eval data" / "no tokenizer")
         ([str(tmp_path / "nope" / "final"), *out],
-         f"error: checkpoint {tmp_path / 'nope' / 'final'}: no such directory; pass a run's final/ or checkpoint-N/ "
-         "folder"),
+         (f"error: checkpoint {tmp_path / 'nope' / 'final'}: no such directory; pass a run's final/ or checkpoint-N/ "
+         "folder")),
         ([str(tmp_path / "nope" / "final"), "--eval-files", str(setup / "eval.txt"), *out],
-         f"error: checkpoint {tmp_path / 'nope' / 'final'}: no such directory; pass a run's final/ or checkpoint-N/ "
-         "folder"),
+         (f"error: checkpoint {tmp_path / 'nope' / 'final'}: no such directory; pass a run's final/ or checkpoint-N/ "
+         "folder")),
         ([str(run), *out],
-         f"error: checkpoint {run}: no config.json, not a model directory (did you mean {run / 'final'}?); pass a "
-         "run's final/ or checkpoint-N/ folder"),
+         (f"error: checkpoint {run}: no config.json, not a model directory (did you mean {run / 'final'}?); pass a "
+         "run's final/ or checkpoint-N/ folder")),
         ([str(tmp_path / "adapter"), *out],
-         f"error: checkpoint {tmp_path / 'adapter'}: a LoRA adapter, not a full model; merge it first: python "
-         f"scripts/merge_lora.py {tmp_path / 'adapter'} MERGED_DIR"),
+         (f"error: checkpoint {tmp_path / 'adapter'}: a LoRA adapter, not a full model; merge it first: python "
+         f"scripts/merge_lora.py {tmp_path / 'adapter'} MERGED_DIR")),
         ([str(setup / "ckpt0"), *out],
-         "error: no eval data: pass --eval-files, or --config (or a checkpoint inside a run directory, next to its "
-         "emo_trainer_config.yaml)"),
+         ("error: no eval data: pass --eval-files, or --config (or a checkpoint inside a run directory, next to its "
+         "emo_trainer_config.yaml)")),
     ]
     for argv, line in cases:
         capsys.readouterr()
@@ -340,8 +340,8 @@ def test_late_user_errors(setup, tmp_path, capsys):
         ([str(setup / "ckpt0"), "--eval-files", str(setup / "eval.jsonl"), "--text-column", "text", *out],
          "error: --text-column: no column 'text' in --eval-files (columns: body); pass --text-column NAME"),
         ([str(tmp_path / "notok"), "--eval-files", str(setup / "eval.txt"), "--no-generation", *out],
-         f"error: checkpoint {tmp_path / 'notok'}: no tokenizer found (tried {tmp_path / 'notok'}, "
-         f"{tmp_path / 'notok' / 'tokenizer'}, {tmp_path / 'tokenizer'}); pass --tokenizer"),
+         (f"error: checkpoint {tmp_path / 'notok'}: no tokenizer found (tried {tmp_path / 'notok'}, "
+         f"{tmp_path / 'notok' / 'tokenizer'}, {tmp_path / 'tokenizer'}); pass --tokenizer")),
         ([str(setup / "ckpt0"), "--eval-files", str(setup / "eval.txt"), *out],  # documents of 30-80 words
          "error: no eval document has 20 + 80 words; lower eval.prompt_words / eval.continuation_words"),
         ([str(setup / "ckpt0"), "--eval-files", str(setup / "eval.txt"), "--num-prompts", "10", "--eval",
@@ -357,8 +357,8 @@ def test_late_user_errors(setup, tmp_path, capsys):
 
 def test_error_from_the_command_line_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), str(tmp_path / "runs/nope/final"),
-                           "--output", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120)
+                           "--output", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: checkpoint {tmp_path / 'runs/nope/final'}: no such directory; pass a run's final/ or checkpoint-N/ "
-        "folder"]
+        (f"error: checkpoint {tmp_path / 'runs/nope/final'}: no such directory; pass a run's final/ or checkpoint-N/ "
+        "folder")]
