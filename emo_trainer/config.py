@@ -442,13 +442,7 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("model: a fresh model needs model.tokenizer or model.train_tokenizer_vocab_size")
     if cfg.objective.chunk_size < 1:
         raise ConfigError(f"objective.chunk_size: must be positive, got {cfg.objective.chunk_size}")
-    e = cfg.eval
-    if e.num_prompts < 0 or e.max_new_tokens < 1 or e.batch_size < 1:
-        raise ConfigError("eval: num_prompts must be >= 0, max_new_tokens and batch_size >= 1")
-    if not 0 < e.top_p <= 1:
-        raise ConfigError(f"eval.top_p: must be in (0, 1], got {e.top_p}")
-    if e.temperature <= 0:
-        raise ConfigError(f"eval.temperature: must be > 0, got {e.temperature}")
+    validate_eval(cfg.eval)
     # Objective options: let the objective's own constructor check ranges (e.g. MixCE eta in [0, 1]),
     # for every objective given options, not only the selected one (a typo'd value must not wait
     # until someone switches objectives).
@@ -459,6 +453,43 @@ def validate(cfg: ExperimentConfig) -> None:
             objective_class(name)(**cfg.objective.options.get(name, {}))
         except (ObjectiveError, ValueError, TypeError) as e:
             raise ConfigError(f"objective.{name}: {e}") from None
+
+
+def validate_eval(e: EvalConfig) -> None:
+    """Range checks of the ``eval:`` keys (training config and ``scripts/evaluate.py``)."""
+    checks = [
+        (e.num_prompts >= 0, f"eval.num_prompts: must be >= 0 (0 = no generation), got {e.num_prompts}"),
+        (e.max_new_tokens >= 1, f"eval.max_new_tokens: must be at least 1, got {e.max_new_tokens}"),
+        (e.batch_size >= 1, f"eval.batch_size: must be at least 1, got {e.batch_size}"),
+        (0 < e.top_p <= 1, f"eval.top_p: must be in (0, 1], got {e.top_p}"),
+        (e.temperature > 0, f"eval.temperature: must be > 0, got {e.temperature}"),
+        (e.top_k >= 0, f"eval.top_k: must be >= 0 (0 = no top-k), got {e.top_k}"),
+        (len(e.seeds) > 0, "eval.seeds: give at least one sampling seed"),
+        (e.prompt_words >= 0 and e.continuation_words >= 1,
+         (f"eval.prompt_words / eval.continuation_words: must be >= 0 / >= 1, got {e.prompt_words} / "
+          f"{e.continuation_words}")),
+        (e.mauve_pooling in ("auto", "last", "mean"),
+         f"eval.mauve_pooling: must be one of 'auto', 'last', 'mean', got {e.mauve_pooling!r}"),
+        (e.mauve_scaling_factor > 0, f"eval.mauve_scaling_factor: must be > 0, got {e.mauve_scaling_factor}"),
+    ]
+    for key in ("mauve_max_text_length", "mauve_kmeans_num_redo", "mauve_kmeans_max_iter", "featurizer_batch_size"):
+        checks.append((getattr(e, key) >= 1, f"eval.{key}: must be at least 1, got {getattr(e, key)}"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def build_section(cls, raw: dict, section: str):
+    """A config section (``ModelConfig``, ``DataConfig``, ``EvalConfig``) from a raw dict: unknown
+    keys and wrong types raise :class:`ConfigError` naming the key."""
+    return _build_section(cls, raw, section)
+
+
+def cli_value(path: list[str], text: str) -> Any:
+    """A command-line value as ``load_config`` reads it: YAML, but kept a string where the key at
+    ``path`` (e.g. ``["eval", "mauve_featurizer"]``) is a string."""
+    value = _parse_cli_value(text)
+    return _maybe_keep_string(path, text, value) if isinstance(value, (int, float)) else value
 
 
 def build_objective(ocfg: ObjectiveConfig):

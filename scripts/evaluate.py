@@ -129,18 +129,10 @@ def _find_config(args) -> Path | None:
     return None
 
 
-def _cli_value(key: str, text: str):
-    """An ``--eval`` value as the training CLI reads one: YAML, but a string where the key is a string."""
-    from emo_trainer.config import _maybe_keep_string, _parse_cli_value
-
-    value = _parse_cli_value(text)
-    return _maybe_keep_string(["eval", key], text, value) if isinstance(value, (int, float)) else value
-
-
 def _eval_config(base: EvalConfig, args) -> EvalConfig:
     """``base`` with the flags and ``--eval KEY=VALUE`` applied, each type-checked and range-checked as the
     ``eval:`` section of a training config (same messages: ``eval.KEY: expected ...``)."""
-    from emo_trainer.config import _build_section
+    from emo_trainer.config import build_section, cli_value, validate_eval
 
     raw = {}
     for flag, key in (("seeds", "seeds"), ("num_prompts", "num_prompts"), ("featurizer", "mauve_featurizer"),
@@ -152,39 +144,15 @@ def _eval_config(base: EvalConfig, args) -> EvalConfig:
         key = key.strip().removeprefix("eval.")
         if not sep or not key:
             raise _usage_error(f"--eval {item}: expected KEY=VALUE with KEY an eval: key, e.g. --eval num_prompts=200")
-        raw[key] = _cli_value(key, value)
+        raw[key] = cli_value(["eval", key], value)
     if args.no_generation:
         raw["generation"] = False
-    built = _build_section(EvalConfig, raw, "eval")  # unknown keys and wrong types: ConfigError naming the key
+    built = build_section(EvalConfig, raw, "eval")  # unknown keys and wrong types: ConfigError naming the key
     cfg = dataclasses.replace(base, **{k: getattr(built, k) for k in raw})
-    _check_eval(cfg)
+    validate_eval(cfg)
     if cfg.num_prompts == 0:  # as in training: no prompts, no generation metrics
         cfg = dataclasses.replace(cfg, generation=False)
     return cfg
-
-
-def _check_eval(e: EvalConfig) -> None:
-    """Range checks of the eval: keys (those of ``emo_trainer.config.validate``, plus what would crash later)."""
-    checks = [
-        (e.num_prompts >= 0, f"eval.num_prompts: must be >= 0 (0 = no generation), got {e.num_prompts}"),
-        (e.max_new_tokens >= 1, f"eval.max_new_tokens: must be at least 1, got {e.max_new_tokens}"),
-        (e.batch_size >= 1, f"eval.batch_size: must be at least 1, got {e.batch_size}"),
-        (0 < e.top_p <= 1, f"eval.top_p: must be in (0, 1], got {e.top_p}"),
-        (e.temperature > 0, f"eval.temperature: must be > 0, got {e.temperature}"),
-        (e.top_k >= 0, f"eval.top_k: must be >= 0 (0 = no top-k), got {e.top_k}"),
-        (len(e.seeds) > 0, "eval.seeds: give at least one sampling seed"),
-        (e.prompt_words >= 0 and e.continuation_words >= 1,
-         (f"eval.prompt_words / eval.continuation_words: must be >= 0 / >= 1, got {e.prompt_words} / "
-         f"{e.continuation_words}")),
-        (e.mauve_pooling in ("auto", "last", "mean"),
-         f"eval.mauve_pooling: must be one of 'auto', 'last', 'mean', got {e.mauve_pooling!r}"),
-        (e.mauve_scaling_factor > 0, f"eval.mauve_scaling_factor: must be > 0, got {e.mauve_scaling_factor}"),
-    ]
-    for key in ("mauve_max_text_length", "mauve_kmeans_num_redo", "mauve_kmeans_max_iter", "featurizer_batch_size"):
-        checks.append((getattr(e, key) >= 1, f"eval.{key}: must be at least 1, got {getattr(e, key)}"))
-    for ok, message in checks:
-        if not ok:
-            raise _usage_error(message)
 
 
 def _sampler(spec: str | None):

@@ -5,13 +5,12 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
+from conftest import make_tiny_gpt2
 from transformers import TrainingArguments
 
 from emo_trainer.data import CausalLMCollator
 from emo_trainer.objectives import get_objective
 from emo_trainer.trainer import ObjectiveTrainer
-
-from conftest import make_tiny_gpt2
 
 
 def _ragged_dataset(n=8, vocab=300, seed=0):
@@ -65,7 +64,7 @@ def _one_sgd_step(tmp_path, objective, per_device, accum, options=None):
     trainer.train()
     # SGD with lr 1: the update is minus the gradient
     update = {k: before[k] - v.detach() for k, v in model.named_parameters()}
-    return update, [h for h in trainer.state.log_history if "loss" in h][0]
+    return update, next(h for h in trainer.state.log_history if "loss" in h)
 
 
 @pytest.mark.parametrize(

@@ -10,13 +10,12 @@ import math
 
 import pytest
 import torch
-
 from eval_helpers import documents, tiny_gpt2, tiny_tokenizer
 
 trl = pytest.importorskip("trl")
-from datasets import Dataset  # noqa: E402
+from datasets import Dataset
 
-from emo_trainer import ObjectiveTrainer  # noqa: E402
+from emo_trainer import ObjectiveTrainer
 
 
 class ObjectiveSFTTrainer(ObjectiveTrainer, trl.SFTTrainer):
@@ -30,10 +29,10 @@ def setup():
 
 
 def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), max_steps=2, logging_steps=1, eval_strategy="steps", eval_steps=2,
-                per_device_train_batch_size=4, per_device_eval_batch_size=8, gradient_accumulation_steps=2,
-                report_to=[], use_cpu=True, save_strategy="no", max_length=32, disable_tqdm=True, seed=0,
-                data_seed=0, learning_rate=1e-3)
+    base = {"output_dir": str(tmp_path), "max_steps": 2, "logging_steps": 1, "eval_strategy": "steps",
+            "eval_steps": 2, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
+            "gradient_accumulation_steps": 2, "report_to": [], "use_cpu": True, "save_strategy": "no",
+            "max_length": 32, "disable_tqdm": True, "seed": 0, "data_seed": 0, "learning_rate": 1e-3}
     base.update(kw)
     return trl.SFTConfig(**base)
 
