@@ -110,8 +110,9 @@ class ObjectiveTrainer(Trainer):
         # A step-level factor (MiLe's α) is applied to the accumulated gradients after the step's
         # last backward (training_step): exact gradient accumulation.  DeepSpeed owns the
         # gradients, so there each micro-batch keeps its own factor.
+        # (``defer_step_scale`` is on only inside ``training_step``: a direct call of the objective,
+        # e.g. by a callback, still forms its factor per call.)
         self._step_scale = self.objective.step_scale_name is not None and not getattr(self, "is_deepspeed_enabled", False)
-        self.objective.defer_step_scale = self._step_scale
         self._step_loss = None  # Σ of this step's micro-batch losses so far (with a step scale)
         try:
             self.objective.setup(self._unwrapped(self.model), self.processing_class)
@@ -185,21 +186,51 @@ class ObjectiveTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
         if not self._step_scale:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self._stop_if_diverged()
             return loss
+        self.objective.defer_step_scale = True
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self.objective.defer_step_scale = False
         self._step_loss = loss if self._step_loss is None else self._step_loss + loss
         if self.accelerator.sync_gradients:  # the step's last micro-batch: its backward is done
-            scale = self.objective.take_step_scale()
+            scale = self.objective.take_step_scale(self.args.device)
             if scale is not None:
+                # One host read per optimizer step; a Python float keeps α exact for bf16 grads
+                # (the product is formed in fp32) and lives on no device.
+                value = float(scale)
                 for p in model.parameters():
                     if p.grad is not None:
-                        p.grad.mul_(scale.to(p.grad.dtype))
+                        p.grad.mul_(value)
                 # The Trainer logs the sum of what this returns over the step: make it scale × Σ.
-                loss = loss + (scale.to(loss.dtype) - 1) * self._step_loss
-                self._metrics["train"][self.objective.step_scale_name].append(scale.detach())
+                loss = loss + (value - 1.0) * self._step_loss
+                self._metrics["train"][self.objective.step_scale_name].append(value)
             self._step_loss = None
+        self._stop_if_diverged()
         return loss
+
+    def _stop_if_diverged(self) -> None:
+        """``on_nonfinite="skip"``: stop when the model has diverged (every micro-batch non-finite for
+        a while).  Decided at the end of each optimizer step, on every process together (the
+        largest run of skips over processes), so no process is left waiting in a collective."""
+        if self.on_nonfinite != "skip" or not self.accelerator.sync_gradients:
+            return
+        run = self._consecutive_skips
+        dist = torch.distributed
+        if self.args.world_size > 1 and dist.is_available() and dist.is_initialized():
+            t = torch.tensor([run], device=self.args.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            run = int(t[0])
+        limit = max(MIN_CONSECUTIVE_SKIPS, 3 * self.args.gradient_accumulation_steps)
+        if run >= limit:  # not a bad batch: the model itself has diverged
+            raise NonFiniteLossError(
+                f"non-finite loss in {run} micro-batches in a row up to step {self.state.global_step}, objective "
+                f"'{self.objective.name}': the model has diverged, skipping cannot help; restart from the last "
+                f"checkpoint with a lower learning rate or gradient clipping (training.max_grad_norm)"
+            )
 
     def _handle_nonfinite(self, model, out):
         bad = [k for k, v in out.metrics.items() if not math.isfinite(float(v))]
@@ -211,15 +242,8 @@ class ObjectiveTrainer(Trainer):
                 f"or set objective.on_nonfinite: skip to drop such batches."
             )
         self._skipped_batches += 1
-        self._consecutive_skips += 1
+        self._consecutive_skips += 1  # _stop_if_diverged checks it at the end of the step
         self.objective.discard_step_part()
-        limit = max(MIN_CONSECUTIVE_SKIPS, 3 * self.args.gradient_accumulation_steps)
-        if self._consecutive_skips >= limit:  # not a bad batch: the model itself has diverged
-            raise NonFiniteLossError(
-                f"non-finite loss in {self._consecutive_skips} micro-batches in a row at {where} ({term}): the model "
-                f"has diverged, skipping cannot help; restart from the last checkpoint with a lower learning rate "
-                f"or gradient clipping (training.max_grad_norm)"
-            )
         logger.warning("skipping a micro-batch with a non-finite loss at %s (%s)", where, term)
         # A zero that touches every trainable parameter: no gradient, no DDP 'unused parameter' error.
         return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
@@ -256,7 +280,8 @@ class ObjectiveTrainer(Trainer):
         if transform is not None:
             logits = transform(logits)
         # Per-row sums, gathered with ``gather_for_metrics``: with several processes the last
-        # batch is padded with repeated samples (accelerate's even batches), which it drops.
+        # batch is padded with repeated samples (accelerate's even batches), which it drops —
+        # for datasets with a length (an IterableDataset's remainder is unknown to accelerate).
         targets = shift_labels(labels)
         valid = targets != IGNORE_INDEX
         flat = logits.reshape(-1, logits.shape[-1])
@@ -293,6 +318,13 @@ class ObjectiveTrainer(Trainer):
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs else "eval"
+        window = self._metrics["train"]
+        if mode != "train" and any(torch.is_tensor(x) for v in window.values() for x in v):
+            # Not a training log (e.g. the end-of-training summary): keep the window for the next
+            # one, but as floats — a subclass's log (TRL's) may average it into these logs.
+            for k, floats in _read_window(window).items():
+                window[k] = floats
+            self._deferred_metrics = 0
         if mode == "train":
             merged = _window_means(self._metrics["train"])
             logs.update({k: v for k, v in merged.items() if k not in logs})
@@ -343,6 +375,8 @@ class ObjectiveTrainer(Trainer):
             if not path.is_dir():
                 raise ValueError(f"resume_from_checkpoint: {path} is not a directory (expected .../checkpoint-N)")
             load_objective_state(self.objective, path)
+        self.objective.reset_step_scale()  # nothing left over from an interrupted step
+        self._step_loss = None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 

@@ -147,6 +147,45 @@ def run_ddp_case(name: str, out_dir: Path, per_device: int) -> dict:
     return result
 
 
+def run_skip_case(out_dir: Path, per_device: int) -> dict:
+    """MiLe with on_nonfinite="skip" where only the LAST process gets a non-finite first micro-batch:
+    the step's α all-reduce must still be joined by every process (a process whose micro-batches
+    were all skipped contributes zeros), so the run finishes instead of hanging."""
+    import datasets
+    from transformers import TrainingArguments
+
+    from emo_trainer.data import CausalLMCollator
+    from emo_trainer.objectives.mile import MileObjective
+    from emo_trainer.trainer import ObjectiveTrainer
+
+    class PoisonedOnLastRank(MileObjective):
+        calls = 0
+
+        def token_stats(self, logits, targets, extras=None):
+            stats = super().token_stats(logits, targets, extras)
+            self.calls += 1
+            dist = torch.distributed
+            last = dist.is_initialized() and dist.get_rank() == dist.get_world_size() - 1 and dist.get_world_size() > 1
+            if last and self.calls == 1:
+                stats["ce"] = stats["ce"] + float("nan")
+            return stats
+
+    args = TrainingArguments(
+        output_dir=str(out_dir / "skip"), per_device_train_batch_size=per_device, gradient_accumulation_steps=1,
+        max_steps=2, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none",
+        use_cpu=not USE_GPU, seed=0, data_seed=0, disable_tqdm=True,
+    )
+    trainer = ObjectiveTrainer(
+        model=make_model(), args=args, objective=PoisonedOnLastRank(gamma=1.0), on_nonfinite="skip",
+        train_dataset=datasets.Dataset.from_dict({"input_ids": make_rows("ragged")}),
+        data_collator=CausalLMCollator(pad_token_id=0),
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return {"steps": trainer.state.global_step, "loss": [h["loss"] for h in logs],
+            "skipped": [h.get("skipped_batches", 0) for h in logs]}
+
+
 EVAL_ROWS = 7  # ragged eval rows: with 2 processes × 2 per device the last batch repeats a sample
 
 
@@ -250,6 +289,7 @@ def run_all(out_dir: str | os.PathLike, per_device: int, cases=None, fsdp_cases=
     for name in names:
         results["ddp"][name] = run_ddp_case(name, out, per_device)
     results["eval"] = run_eval_case(out, per_device)
+    results["skip"] = run_skip_case(out, per_device)
     # The Trainer's accelerate state has initialised the process group (gloo) by now.
     dist = torch.distributed
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -104,6 +104,14 @@ def test_eval_loss_counts_every_sample_once(runs):
         assert run["eval"]["eval_perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-6)
 
 
+def test_a_process_skipping_its_whole_step_does_not_hang_the_others(runs):
+    """MiLe + on_nonfinite: skip, a NaN on one process only: the run finishes (the step α's
+    all-reduce is joined by the process that skipped), with finite logged losses."""
+    (_, _), (two, _) = runs
+    assert two["skip"]["steps"] == 2
+    assert all(math.isfinite(x) for x in two["skip"]["loss"]), two["skip"]
+
+
 EXACT = [n for n in dist_worker.DDP_CASES if n != "sequencematch_online"]
 
 

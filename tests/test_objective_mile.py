@@ -140,3 +140,20 @@ def test_empty_batch_is_a_differentiable_zero():
 
 def test_bf16_model_gives_finite_loss_and_gradients():
     assert_bf16_model_finite(get_objective("mile"))
+
+
+def test_a_direct_call_after_a_trainer_was_built_still_applies_alpha(tmp_path):
+    """ObjectiveTrainer defers α only inside its training_step: calling the objective directly
+    (a callback, a user script) gives the full MiLe loss."""
+    from transformers import TrainingArguments
+
+    from conftest import make_tiny_gpt2
+    from emo_trainer.trainer import ObjectiveTrainer
+
+    obj = get_objective("mile", gamma=2.0)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    ObjectiveTrainer(model=make_tiny_gpt2(), args=args, objective=obj)
+    logits, labels = make_batch(3, 5, 20, seed=4)
+    out = obj(logits.float(), labels)
+    assert float(out.loss) == pytest.approx(float(mile_ref(logits, labels, gamma=2.0)), rel=1e-5)
+    assert obj._step_parts == []

@@ -80,3 +80,17 @@ def test_other_objectives_train_and_log_their_diagnostics(tmp_path, setup, objec
     assert "ce" in train[0] and "eval_perplexity" in evals[0]
     assert trainer.objective.name == objective
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_end_of_training_log_and_saved_state_with_a_step_scale(tmp_path, setup):
+    """The last step is not a logging step: TRL's log averages the shared metrics window into the
+    end-of-training summary, which must hold floats (save_state writes it as JSON)."""
+    docs, tok = setup
+    data = Dataset.from_dict({"text": docs[:32]})
+    trainer = ObjectiveSFTTrainer(model=tiny_gpt2(tok), args=_args(tmp_path, max_steps=3, logging_steps=2,
+                                                                    eval_strategy="no"),
+                                  train_dataset=data, processing_class=tok, objective="mile")
+    trainer.train()
+    trainer.save_state()
+    assert (tmp_path / "trainer_state.json").is_file()

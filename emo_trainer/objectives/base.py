@@ -145,14 +145,19 @@ class Objective:
     def on_step_begin(self, model: torch.nn.Module, step: int) -> None:
         """Called before each optimizer step's first micro-batch."""
 
-    def take_step_scale(self) -> torch.Tensor | None:
-        """The step-level factor of the micro-batches computed since the last call (reduced over
-        processes; every process must call it at the same step), or None when there is none;
-        forgets those micro-batches.  Only used with ``defer_step_scale``."""
+    def take_step_scale(self, device: torch.device | str | None = None) -> torch.Tensor | None:
+        """The step-level factor of the micro-batches computed since the last call, reduced over
+        processes, or None for objectives without one; forgets those micro-batches.  A
+        collective: every process calls it at every optimizer step, also one whose micro-batches
+        were all skipped (its share is then zero; ``device`` is where that zero is made).  Only
+        used with ``defer_step_scale``."""
         return None
 
     def discard_step_part(self) -> None:
         """Forget the last micro-batch's share of the step factor (the trainer skipped it)."""
+
+    def reset_step_scale(self) -> None:
+        """Forget every share not taken yet (a step that never finished)."""
 
     def forward_context(self) -> AbstractContextManager:
         """Context the trainer enters around the model's training forward (and the backward that

@@ -97,16 +97,20 @@ class MileObjective(Objective):
         metrics["alpha"] = alpha
         return alpha * weighted, metrics
 
-    def take_step_scale(self):
-        if not self._step_parts:
-            return None
-        totals = _all_reduce_sum(torch.stack(self._step_parts).sum(0))
+    def take_step_scale(self, device=None):
+        if self._step_parts:
+            totals = torch.stack(self._step_parts).sum(0)
+        else:  # every micro-batch of the step skipped here: a zero share, but still in the all-reduce
+            totals = torch.zeros(2, device=device)
         self._step_parts = []
-        return _alpha(totals)
+        return _alpha(_all_reduce_sum(totals))
 
     def discard_step_part(self):
         if self._step_parts:
             self._step_parts.pop()
+
+    def reset_step_scale(self):
+        self._step_parts = []
 
 
 def _alpha(totals: torch.Tensor) -> torch.Tensor:
