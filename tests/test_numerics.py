@@ -196,3 +196,21 @@ def test_minus_infinity_logits_are_masked_columns_not_nan(name, dtype):
     assert float(loss) == pytest.approx(float(ref), rel=tol)
     assert (grad[..., masked] == 0).all()
     torch.testing.assert_close(grad.double(), ref_grad, rtol=tol, atol=tol * float(ref_grad.abs().max()))
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.5, -3.0, 1e6])
+def test_entropy_gradient_with_minus_infinity_logits_any_incoming_gradient(scale):
+    """softmax_stats' differentiable entropy: a −∞ column gets gradient 0 whatever multiplies H
+    (a floor of finfo.min overflowed to inf once scaled by |g_H| > 1, and 0·inf = nan)."""
+    from emo_trainer.objectives.fused import softmax_stats
+
+    z = torch.randn(4, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z[:, 3] = float("-inf")
+    y = torch.tensor([0, 1, 2, 4])
+    leaf = z.float().requires_grad_(True)
+    (grad,) = torch.autograd.grad(scale * softmax_stats(leaf, y, entropy=True)["entropy"].sum(), leaf)
+    ref_leaf = z.masked_fill(torch.isinf(z), -1e4).requires_grad_(True)  # q = 0 exactly in float64 too
+    logq = torch.log_softmax(ref_leaf, -1)
+    (ref,) = torch.autograd.grad(scale * -(logq.exp() * logq).sum(), ref_leaf)
+    assert torch.isfinite(grad).all() and (grad[:, 3] == 0).all()
+    torch.testing.assert_close(grad.double(), ref, rtol=1e-4, atol=1e-5 * abs(scale))

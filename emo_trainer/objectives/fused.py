@@ -97,6 +97,12 @@ def _no_autocast(device: torch.device):
     return torch.autocast(kind, enabled=False) if on else nullcontext()
 
 
+#: Floor of log-probabilities where they multiply a probability: far below any log q with q > 0
+#: (fp32 exp underflows below about −104), so it changes nothing there, and a −∞ logit (q = 0)
+#: gives 0·(finite) = 0 — also after scaling by a large incoming gradient (finfo.min would overflow).
+LOG_FLOOR = -1e4
+
+
 class _SoftmaxStats(torch.autograd.Function):
     """(CE, H, D_clamped) of each row of ``logits``; H and D only when asked for (else empty)."""
 
@@ -146,7 +152,7 @@ class _SoftmaxStats(torch.autograd.Function):
                 # H = log s − Σ q·t: every term ≥ 0, no cancellation; Σ q·t as a batched dot.
                 # A −∞ logit (masked column) has q = 0: 0·log 0 = 0, so t is floored to a finite
                 # value first (0·(−∞) would be nan).
-                t.clamp_min_(torch.finfo(ct).min)
+                t.clamp_min_(LOG_FLOOR)
                 entropy[sl] = log_s - torch.bmm(q.unsqueeze(1), t.unsqueeze(2)).reshape(-1)
             if want_demd:
                 q_gold = q.gather(1, y).squeeze(1)
@@ -211,7 +217,7 @@ class _SoftmaxStats(torch.autograd.Function):
                 gh = g_entropy[sl].to(ct).unsqueeze(1)
                 # −g_H·(log q + H); log q floored to a finite value so a −∞ logit (q = 0) gets
                 # q·w = 0 rather than 0·∞ = nan
-                w = torch.addcmul(-gh * entropy[sl].unsqueeze(1), u.clamp_min(torch.finfo(ct).min), -gh)
+                w = torch.addcmul(-gh * entropy[sl].unsqueeze(1), u.clamp_min(LOG_FLOOR), -gh)
             if g_demd is not None:
                 gd = g_demd[sl].to(ct).unsqueeze(1)
                 a = a + gd * (1.0 - demd_raw[sl].unsqueeze(1))
