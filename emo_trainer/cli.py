@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -42,43 +41,71 @@ def make_parser() -> argparse.ArgumentParser:
 _RUN_ARTIFACTS = ("final", "final_metrics.json")
 
 
-def check_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) -> None:
+def check_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool, cfg: ExperimentConfig | None = None) -> list[Path]:
     """Refuse to start a new run in a directory that holds another run's checkpoints or results.
 
     Mixing them goes wrong quietly: checkpoint rotation keeps the highest-numbered (old)
     checkpoints and deletes the new ones, ``--resume_from_checkpoint true`` then picks an old
-    one, and ``final/`` is overwritten.  With ``overwrite`` the old checkpoints, ``final/`` and
-    ``final_metrics.json`` are deleted first (by the main process).
+    one, and ``final/`` is overwritten.  With ``overwrite``, returns what :func:`clear_output_dir`
+    is to delete once every other check has passed (the old checkpoints, ``final/``,
+    ``final_metrics.json``); refuses when the config reads a model or tokenizer from among them.
     """
-    import shutil
-
     out = Path(output_dir)
     if resuming or not out.is_dir():
-        return
+        return []
     old = sorted(p for p in out.iterdir() if (p.is_dir() and p.name.startswith("checkpoint-")) or p.name in _RUN_ARTIFACTS)
     if not old:
-        return
+        return []
     if not overwrite:
         names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in old[:4]) + (" ..." if len(old) > 4 else "")
         raise ConfigError(
             f"training.output_dir {out} already holds a run ({names}): pass --resume_from_checkpoint true to "
             f"continue it, --overwrite_output_dir to start over there (deletes them), or another --output_dir"
         )
-    if int(os.environ.get("RANK", "0")) == 0:
+    if cfg is not None:
+        for key, value in (("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer)):
+            if value and Path(value).exists() and any(Path(value).resolve().is_relative_to(p.resolve()) for p in old):
+                raise ConfigError(f"--overwrite_output_dir would delete {value}, which {key} reads; "
+                                  f"copy it elsewhere first, or use another --output_dir")
+    return old
+
+
+def clear_output_dir(old: list[Path], accelerator) -> None:
+    """Delete an earlier run's ``old`` files (main process), then let every process go on."""
+    import shutil
+
+    if old and accelerator.is_main_process:
         for p in old:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        logger.warning("--overwrite_output_dir: deleted %d checkpoint(s)/result(s) of an earlier run in %s", len(old), out)
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        logger.warning("--overwrite_output_dir: deleted %d checkpoint(s)/result(s) of an earlier run in %s",
+                       len(old), old[0].parent)
+    accelerator.wait_for_everyone()
 
 
 def check_report_to(report_to) -> None:
-    """Every logging integration in ``training.report_to`` must be installed (checked before training)."""
-    from transformers.integrations import get_available_reporting_integrations
+    """Every logging integration in ``training.report_to`` that transformers can test for
+    (``is_<name>_available``) must be installed: checked before training, not at its first log."""
+    from transformers import integrations
 
     wanted = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    if wanted in (["none"], ["all"], []):
-        return
-    available = set(get_available_reporting_integrations())
-    missing = [r for r in wanted if r not in available]
+    names = {"azure_ml": "azureml", "comet_ml": "comet"}  # report_to name → its is_*_available
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    from .config import _suggest
+
+    missing = []
+    for r in wanted:
+        if r in ("none", "all"):
+            continue
+        if r not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(f"training.report_to: unknown integration '{r}'{_suggest(r, INTEGRATION_TO_CALLBACK)}; "
+                              f"one of {', '.join(INTEGRATION_TO_CALLBACK)}, or none")
+        available = getattr(integrations, f"is_{names.get(r, r)}_available", None)
+        if available is not None and not available():
+            missing.append(r)
     if missing:
         raise ConfigError(
             f"training.report_to: {', '.join(missing)} is not installed (pip install {' '.join(missing)}), "
@@ -133,12 +160,7 @@ def build_trainer(cfg: ExperimentConfig, callbacks=None):
 
     set_seed(args.seed)
     model, is_fresh = load_model(cfg.model, tokenizer)
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions and cfg.data.block_size > positions:
-        raise ConfigError(
-            f"data.block_size: {cfg.data.block_size} tokens per row, but the model has {positions} positions "
-            f"(max_position_embeddings); lower data.block_size to at most {positions}"
-        )
+    _check_positions(model, cfg.data.block_size)
     objective = build_objective(cfg.objective)
     prepare = getattr(objective, "prepare_model", None)
     if prepare is not None:  # e.g. SequenceMatch adds <bkspc> before the optimizer exists
@@ -161,6 +183,30 @@ def build_trainer(cfg: ExperimentConfig, callbacks=None):
     )
     _maybe_add_generation_eval(trainer, cfg, eval_texts, tokenizer)
     return trainer, eval_texts
+
+
+#: Names of learned absolute position-embedding tables (GPT-2, OPT, BERT-style models).
+_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+
+
+def _check_positions(model, block_size: int) -> None:
+    """Rows longer than a learned position table crash inside the embedding: refuse them.  Models
+    without one (rotary, ALiBi) may be trained past ``max_position_embeddings`` (rope scaling):
+    a warning only."""
+    import torch
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
+            if block_size > module.num_embeddings:
+                raise ConfigError(
+                    f"data.block_size: {block_size} tokens per row, but the model has {module.num_embeddings} "
+                    f"positions ({name}); lower data.block_size to at most {module.num_embeddings}"
+                )
+            return
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and block_size > positions:
+        logger.warning("data.block_size %d is longer than the model's max_position_embeddings %d: fine with rope "
+                       "scaling, otherwise lower data.block_size", block_size, positions)
 
 
 def _maybe_add_generation_eval(trainer, cfg: ExperimentConfig, eval_texts, tokenizer) -> None:
@@ -215,11 +261,12 @@ def run(cfg: ExperimentConfig, resume_from_checkpoint=None, overwrite_output_dir
     """Train and evaluate ``cfg``; returns the final metrics."""
     resume_from_checkpoint = resolve_resume(cfg, resume_from_checkpoint)
     # Cheap checks first: a user error must stop the run before data, model and training.
-    check_output_dir(cfg.training.get("output_dir") or "trainer_output", resume_from_checkpoint is not None,
-                     overwrite_output_dir)
+    stale = check_output_dir(cfg.training.get("output_dir") or "trainer_output", resume_from_checkpoint is not None,
+                             overwrite_output_dir, cfg)
     check_report_to(cfg.training.get("report_to", "none"))
     check_featurizer(cfg)
     trainer, _ = build_trainer(cfg)
+    clear_output_dir(stale, trainer.accelerator)  # only now that every check has passed
     args = trainer.args
     out = Path(args.output_dir)
     if args.should_save:

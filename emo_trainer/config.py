@@ -613,7 +613,8 @@ def apply_overrides(raw: dict, overrides: list[tuple[str, str | None]]) -> dict:
     raw = dict(raw)
     for key, val in overrides:
         path = _resolve_key(key)
-        if val is None and _key_type(path) not in (bool, Any, bool | None):
+        tp = _key_type(path)
+        if val is None and tp is not Any and tp is not bool and bool not in typing.get_args(tp):
             raise ConfigError(f"--{key} needs a value, e.g. --{key} {'emo' if path == ['objective', 'name'] else 'VALUE'}")
         value = _parse_cli_value(val)
         # keep strings that YAML would turn into numbers where a string is expected (e.g. paths)

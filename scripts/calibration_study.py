@@ -297,8 +297,8 @@ def run_one(args, objective: str) -> dict:
         model_dir = str(out / objective / "final")
         if not (Path(model_dir) / "config.json").is_file():
             cfg = load_config(args.config, calibration_overrides(args, objective, out))
-            # an interrupted calibration resumes from its last complete checkpoint; anything else
-            # it left (a half-written checkpoint) is cleared
+            # an interrupted calibration resumes from its last complete checkpoint (a half-written
+            # later one is skipped); one that died before its first checkpoint starts over
             resume = "true" if last_complete_checkpoint(out / objective) else None
             metrics = run(cfg, resume_from_checkpoint=resume, overwrite_output_dir=True)
             info["train_metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -110,9 +110,11 @@ CASES = {
                                           f"[{_file(t, 'one.txt', 'Only one line of text here.')}]"],
                                "the training data has 1 text(s), too few to hold out"),
     "block_size_over_positions": (lambda t: ["--config", QUICK, *SMALL, "--data.block_size", "128"],
-                                  "data.block_size: 128 tokens per row, but the model has 64 positions"),
-    "report_to_not_installed": (lambda t: ["--config", QUICK, "--report_to", "no_such_tracker"],
-                                "training.report_to: no_such_tracker is not installed"),
+                                  "data.block_size: 128 tokens per row, but the model has 64 positions (transformer.wpe)"),
+    "report_to_not_installed": (lambda t: ["--config", QUICK, "--report_to", "clearml"],
+                                "training.report_to: clearml is not installed (pip install clearml)"),
+    "report_to_unknown": (lambda t: ["--config", QUICK, "--report_to", "tensorbord"],
+                          "training.report_to: unknown integration 'tensorbord' (did you mean tensorboard?)"),
     "featurizer_unavailable": (lambda t: ["--config", QUICK, "--eval.mauve_featurizer", str(t / "no-featurizer")],
                                ("eval.mauve_featurizer: '", "no-featurizer' does not exist")),
     "featurizer_offline_hub_id": (lambda t: ["--config", QUICK, "--eval.mauve_featurizer", "gpt2-large"],
@@ -189,3 +191,23 @@ def test_overwrite_output_dir_starts_over_and_a_warning_names_unused_options(tmp
     assert not (run / "checkpoint-10").exists() and (run / "notes.txt").read_text() == "mine"
     assert json.loads((run / "final_metrics.json").read_text())["eval_loss"] > 0
     assert any("--emo.mode has no effect: the objective is 'mle'" in r.getMessage() for r in caplog.records)
+
+
+def test_overwrite_runs_the_other_checks_before_deleting(tmp_path, capsys):
+    """--overwrite_output_dir deletes nothing when another check stops the run, and refuses to
+    delete a model the config reads from the old run."""
+    run = Path(_earlier_run(tmp_path))
+    assert main(["--config", QUICK, "--output_dir", str(run), "--overwrite_output_dir", "--report_to", "clearml"]) == 2
+    assert (run / "checkpoint-10").is_dir() and (run / "final").is_dir()
+    (run / "final" / "config.json").write_text("{}")
+    rc = main(["--config", QUICK, "--output_dir", str(run), "--overwrite_output_dir",
+               "--model.name_or_path", str(run / "final")])
+    assert rc == 2 and "would delete" in capsys.readouterr().err
+    assert (run / "final" / "config.json").is_file()
+
+
+def test_bare_flag_for_a_key_that_takes_a_bool_among_other_types():
+    from emo_trainer.config import load_config
+
+    cfg = load_config(QUICK, ["--include_num_input_tokens_seen"])
+    assert cfg.training["include_num_input_tokens_seen"] in (True, "true", "True")
