@@ -24,7 +24,9 @@ What it does, top to bottom:
    ``train_loss.png``, and runs ``scripts/compare.py`` on ``results.json`` (``compare.md``).
 
 Every model's results go to ``<output-dir>/<name>/eval.json`` as soon as it is done, and a model
-whose ``eval.json`` exists is not redone: re-running the same command resumes the study.
+whose ``eval.json`` exists is not redone: re-running the same command resumes the study (other
+``--objectives`` may be added).  The settings are kept in ``study_settings.json``; re-running with
+different ones stops with an error instead of mixing models made differently.
 ``--jobs N`` runs N models at a time (``--threads`` torch threads each).
 """
 
@@ -444,6 +446,27 @@ def sizing_of(args, num_sentences: int) -> dict:
             "ppl_blocks": args.ppl_blocks, "overrides": args.set, "command": " ".join(sys.argv)}
 
 
+#: Arguments that do not change any result: a study may be resumed with other values of these.
+_EXECUTION_ARGS = ("objectives", "output_dir", "jobs", "threads", "docs_dir", "report_only")
+
+
+def check_settings(args, out: Path) -> str | None:
+    """A study directory is resumed only with the settings it was made with (``study_settings.json``):
+    models cached in ``<name>/eval.json`` would otherwise be mixed with ones made differently.
+    Returns an error message, or None (and records the settings of a new study)."""
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in _EXECUTION_ARGS}
+    path = out / "study_settings.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = [f"--{k.replace('_', '-')} {before.get(k)!r} → {v!r}" for k, v in settings.items() if before.get(k) != v]
+        if changed:
+            return (f"--output-dir {out} holds a study made with other settings ({'; '.join(changed)}): its cached "
+                    f"models would be mixed with new ones; use another --output-dir, or delete it to start over")
+        return None
+    path.write_text(json.dumps(settings, indent=2))
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -461,6 +484,10 @@ def main(argv: list[str] | None = None) -> int:
         write_outputs(args, out, results)
         print(markdown(results))
         return 0
+    problem = check_settings(args, out)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     sents = build_calibration_set(args, out)
     logger.info("calibration set: %d sentences in %s", len(sents), out / "calibration_set.txt")
     prompts = prompts_of(args)

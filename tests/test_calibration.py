@@ -108,3 +108,22 @@ def test_detokenize_option(tmp_path):
     raw = load_raw_splits(cfg)
     assert raw["train"]["text"] == ["a role-playing game, made in 2,000."]
     assert raw["validation"]["text"] == ["the end."]
+
+
+def test_study_resumes_only_with_its_own_settings(tmp_path):
+    """scripts/calibration_study.py caches each model's eval.json: a re-run with other settings
+    (which would mix models made differently) is refused; other --objectives may be added."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("calibration_study", ROOT / "scripts/calibration_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    parse = study.make_parser().parse_args
+    out = tmp_path / "study"
+    out.mkdir()
+    base = ["--output-dir", str(out), "--sentences", "200", "--objectives", "none", "mle"]
+    assert study.check_settings(parse(base), out) is None
+    assert (out / "study_settings.json").is_file()
+    assert study.check_settings(parse([*base, "emo", "--jobs", "2"]), out) is None  # more objectives, more jobs
+    problem = study.check_settings(parse([*base[:3], "150", "--learning-rate", "1e-4"]), out)
+    assert "--sentences 200 → 150" in problem and "--learning-rate 5e-05 → 0.0001" in problem
