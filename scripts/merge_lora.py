@@ -43,10 +43,8 @@ def merge(adapter: str | Path, output: str | Path, base: str | None = None, toke
     adapter = Path(adapter)
     conf_path = adapter / "adapter_config.json"
     if not conf_path.is_file():
-        raise SystemExit(f"{adapter}: no adapter_config.json; is it the output of a run with model.lora?")
-    base = base or json.loads(conf_path.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise SystemExit(f"{conf_path} names no base model; pass --base")
+        raise MergeError(f"{adapter}: no adapter_config.json; is it the output of a run with model.lora?")
+    base = base or _base_of(adapter, json.loads(conf_path.read_text()).get("base_model_name_or_path"))
     kwargs = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     tok_source = tokenizer or (str(adapter) if (adapter / "tokenizer_config.json").is_file() else base)
@@ -54,6 +52,11 @@ def merge(adapter: str | Path, output: str | Path, base: str | None = None, toke
     if len(tok) > model.get_input_embeddings().weight.shape[0]:  # e.g. a token added during training
         model.resize_token_embeddings(len(tok))
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    from emo_trainer.backspace import backspace_token_id
+
+    bk = backspace_token_id(tok)
+    if bk is not None:  # a SequenceMatch run: keep the action's id, or a reload would re-initialise its row
+        merged.config.backspace_token_id = bk
     output = Path(output)
     merged.save_pretrained(str(output))
     tok.save_pretrained(str(output))
@@ -61,9 +64,32 @@ def merge(adapter: str | Path, output: str | Path, base: str | None = None, toke
     return output
 
 
+class MergeError(ValueError):
+    """A user error: printed as one ``error:`` line, exit code 2."""
+
+
+def _base_of(adapter: Path, recorded: str | None) -> str:
+    """The adapter's base model.  A relative local path is relative to where training ran: it is
+    tried as given, then from the folders above the adapter (``runs/x/final`` → the repository)."""
+    if not recorded:
+        raise MergeError(f"{adapter / 'adapter_config.json'} names no base model; pass --base")
+    looks_local = recorded.startswith((".", "/", "~")) or Path(recorded).exists()
+    if not looks_local or Path(recorded).expanduser().exists():
+        return recorded
+    for root in adapter.resolve().parents[:4]:
+        if (root / recorded).exists():
+            return str(root / recorded)
+    raise MergeError(f"base model '{recorded}' (the adapter's base_model_name_or_path, a path relative to where "
+                     f"training ran) is not found from here; pass --base PATH")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    merge(args.adapter, args.output, args.base, args.tokenizer, args.dtype)
+    try:
+        merge(args.adapter, args.output, args.base, args.tokenizer, args.dtype)
+    except MergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,36 @@ def test_lora_emo_adapters_only_base_cost_and_merge(llama_run):
     assert (merged_dir / "tokenizer_config.json").is_file()
 
 
-def test_merge_lora_rejects_a_non_adapter_dir(tmp_path):
-    with pytest.raises(SystemExit, match="adapter_config.json"):
-        _merge_script().main([str(tmp_path), str(tmp_path / "out")])
+def test_merge_lora_rejects_a_non_adapter_dir(tmp_path, capsys):
+    assert _merge_script().main([str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "no adapter_config.json" in capsys.readouterr().err
+
+
+def test_merge_finds_a_relative_base_from_elsewhere_and_keeps_the_backspace_action(llama_run, monkeypatch):
+    """A SequenceMatch LoRA run: the merged checkpoint records backspace_token_id (else reloading it
+    for more training re-initialises the action's row); the adapter's base path, relative to where
+    training ran, is found from another working directory."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from emo_trainer.backspace import add_backspace_token
+
+    tmp_path, base = llama_run
+    monkeypatch.chdir(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained("./base")  # recorded relative, as a run records ../shared/...
+    tok = AutoTokenizer.from_pretrained("./base")
+    bk = add_backspace_token(model, tok)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    adapter = tmp_path / "runs" / "sm" / "final"
+    peft_model.save_pretrained(str(adapter))
+    tok.save_pretrained(str(adapter))
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "./base"
+    elsewhere = tmp_path / "runs" / "sm"
+    monkeypatch.chdir(elsewhere)  # ./base does not exist from here
+    script = _merge_script()
+    assert script.main(["final", "merged"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(elsewhere / "merged"))
+    assert merged.config.backspace_token_id == bk
+    monkeypatch.chdir(tmp_path / "runs")
+    with pytest.raises(script.MergeError, match="pass --base"):
+        script._base_of(Path("/nonexistent/run/final"), "../not-there")
