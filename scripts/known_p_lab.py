@@ -64,6 +64,27 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+class LabError(ValueError):
+    """A user error: one ``error:`` line, exit code 2."""
+
+
+def check_evaluate_inputs(model_dir: str, data_dir: str) -> None:
+    """``--evaluate``: the model folder and the lab dataset exist, and the model's vocabulary is the
+    dataset's (a model of another language would give meaningless "exact" metrics)."""
+    model, data = Path(model_dir), Path(data_dir)
+    if not (model / "config.json").is_file():
+        raise LabError(f"--evaluate {model}: not a saved model folder (no config.json); pass a run's final/ folder")
+    if not (data / "meta.json").is_file() or not (data / "chain.npz").is_file():
+        raise LabError(f"--data {data}: not a lab dataset folder (no meta.json/chain.npz); "
+                       f"make one with --data-only (folders are <output-dir>/data/V<V>-s<seed>/)")
+    meta = json.loads((data / "meta.json").read_text())
+    config = json.loads((model / "config.json").read_text())
+    want, got = meta.get("model_vocab_size"), config.get("vocab_size")
+    if want is not None and got is not None and int(want) != int(got):
+        raise LabError(f"--evaluate {model}: the model has {got} tokens but the language of {data} has {want}; "
+                       f"evaluate a model trained on that dataset")
+
+
 def build_config(args: argparse.Namespace):
     from emo_trainer.known_p.lab import DEFAULT_ETAS, LabConfig, default_objective_specs
 
@@ -82,6 +103,14 @@ def build_config(args: argparse.Namespace):
             setattr(config, name, getattr(args, name))
     specs = default_objective_specs(tuple(args.etas) if args.etas else DEFAULT_ETAS, args.sm_sample_every)
     if args.objectives:
+        known = sorted({s.name for s in specs})
+        unknown = [o for o in args.objectives if o not in known]
+        if unknown:
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise LabError(f"--objectives: unknown '{unknown[0]}'{hint}; choose from {', '.join(known)}")
         specs = [s for s in specs if s.name in set(args.objectives)]
     config.objectives = specs
     config.gpt2_path = args.gpt2_path
@@ -91,6 +120,17 @@ def build_config(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    out = Path(args.output_dir)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(parser, args, out)
+    except LabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(parser, args, out: Path) -> int:
     from emo_trainer.known_p.lab import (
         evaluate_checkpoint,
         merge_results,
@@ -100,12 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         write_datasets,
     )
 
-    out = Path(args.output_dir)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.evaluate:
         if not args.data:
             parser.error("--evaluate needs --data DATA_DIR (the dataset the model was trained on)")
+        check_evaluate_inputs(args.evaluate, args.data)
         print(json.dumps(evaluate_checkpoint(args.evaluate, args.data), indent=2))
         return 0
     if args.data_only:

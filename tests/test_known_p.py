@@ -327,3 +327,32 @@ def test_trainer_path_and_checkpoint_evaluation(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     from_disk = evaluate_checkpoint(tmp_path / "ckpt", tmp_path / "data")
     assert from_disk["js"] == pytest.approx(after["js"], rel=1e-6)
+
+
+def test_script_user_errors_are_one_line(tmp_path, capsys):
+    """A misspelt objective is refused (it was silently dropped); --evaluate checks its folders and
+    that the model speaks the dataset's language."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "known_p_lab.py"
+    spec = importlib.util.spec_from_file_location("known_p_lab", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def err(argv):
+        assert mod.main(argv) == 2
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+
+    assert "unknown 'emoo' (did you mean emo?)" in err(["--output-dir", str(tmp_path / "o"), "--objectives", "mle", "emoo"])
+    chain = generate_chain(4, seed=0)
+    write_dataset(chain, tmp_path / "data", num_train=8, num_validation=4, max_length=6, seed=0)
+    assert "not a saved model folder" in err(["--evaluate", str(tmp_path / "nope"), "--data", str(tmp_path / "data")])
+    make_model("bigram", chain, 6, seed=0).save_pretrained(tmp_path / "ckpt")
+    capsys.readouterr()  # the save's progress bar
+    assert "not a lab dataset folder" in err(["--evaluate", str(tmp_path / "ckpt"), "--data", str(tmp_path / "nodata")])
+    other = generate_chain(7, seed=1)
+    write_dataset(other, tmp_path / "data7", num_train=8, num_validation=4, max_length=6, seed=0)
+    assert "the language of" in err(["--evaluate", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data7")])
