@@ -271,8 +271,10 @@ def run(cfg: ExperimentConfig, resume_from_checkpoint=None, overwrite_output_dir
     out = Path(args.output_dir)
     if args.should_save:
         cfg.save(out / CONFIG_FILENAME)
+        saves = str(getattr(args.save_strategy, "value", args.save_strategy)) != "no"
+        logs = "checkpoint-*/trainer_state.json" if saves else "trainer_state.json at the end"
         print(f"[emo-trainer] run directory: {out.resolve()}  (config: {CONFIG_FILENAME}, "
-              f"logs: checkpoint-*/trainer_state.json, final metrics: final_metrics.json)", flush=True)
+              f"logs: {logs}, final metrics: final_metrics.json)", flush=True)
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     metrics = dict(result.metrics)
     step = trainer.state.global_step

@@ -253,7 +253,8 @@ class ObjectiveTrainer(Trainer):
         head = m.get_output_embeddings()
         reason = None
         if not isinstance(head, torch.nn.Linear):
-            reason = f"the output head is a {type(head).__name__}, not a plain Linear"
+            reason = (f"the output head is a {type(head).__module__}.{type(head).__name__} (e.g. peft's LoRA or "
+                      f"modules_to_save wrapper), not a torch.nn.Linear")
         elif any(getattr(m.config, a, None) not in (None, 1.0) for a in _POST_HEAD_ATTRS):
             reason = "the model transforms logits after its head (soft-capping/scaling)"
         elif (

@@ -344,7 +344,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results["checkpoints"])
-    panels = [("perplexity", "test perplexity (log)"), ("mauve", "MAUVE (± std, 3 seeds)"),
+    n_seeds = max((len(c.get("per_seed", [])) for c in results["checkpoints"].values()), default=0)
+    panels = [("perplexity", "test perplexity (log)"), ("mauve", f"MAUVE (± std, {n_seeds} seeds)"),
               ("diversity", "diversity (human dashed)"), ("rep_2", "rep-2 (human dashed)"),
               ("seq_rep_4", "seq-rep-4 (human dashed)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.8), constrained_layout=True)
