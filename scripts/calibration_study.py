@@ -46,6 +46,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+#: The workspace's shared assets, written relative to the working directory (``../shared`` from the
+#: repository root, as in the docs), so the defaults work from any directory.
+SHARED = os.path.relpath(REPO.parent / "shared")
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 logger = logging.getLogger("emo_trainer.calibration_study")
@@ -58,12 +61,12 @@ METRICS = ["perplexity", "mauve", "diversity", "rep_2", "rep_3", "rep_4", "seq_r
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Calibrate one checkpoint with each objective and evaluate all alike.")
     p.add_argument("--config", default=str(REPO / "configs/calibrate_emo.yaml"), help="base calibration config")
-    p.add_argument("--model", default="../shared/models/gpt2-gutenberg-30m", help="pretrained checkpoint")
-    p.add_argument("--train-file", default="../shared/data/wikitext-2/wiki.train.tokens",
+    p.add_argument("--model", default=f"{SHARED}/models/gpt2-gutenberg-30m", help="pretrained checkpoint")
+    p.add_argument("--train-file", default=f"{SHARED}/data/wikitext-2/wiki.train.tokens",
                    help="calibration documents (one per line)")
-    p.add_argument("--valid-file", default="../shared/data/wikitext-2-raw/wiki.valid.raw",
+    p.add_argument("--valid-file", default=f"{SHARED}/data/wikitext-2-raw/wiki.valid.raw",
                    help="validation documents (end-of-training eval loss only)")
-    p.add_argument("--test-file", default="../shared/data/wikitext-2-raw/wiki.test.raw", help="test documents")
+    p.add_argument("--test-file", default=f"{SHARED}/data/wikitext-2-raw/wiki.test.raw", help="test documents")
     p.add_argument("--detokenize", default="wikitext", help="data.detokenize for the calibration text ('none' = off)")
     p.add_argument("--no-detokenize-test", action="store_true", help="evaluate on the test text exactly as in the file")
     p.add_argument("--objectives", nargs="+", default=["none", "mle", "emo", "mixce", "mile", "sequencematch"],
