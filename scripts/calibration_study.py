@@ -150,7 +150,7 @@ def calibration_overrides(args, objective: str, out: Path) -> list[str]:
         f"--model.name_or_path={args.model}",
         "--data.dataset=null",
         f"--data.train_files=[{calib}]",       # the shared calibration set, one sentence per line
-        f"--data.validation_files=[{args.valid_file}]",
+        f"--data.validation_files=[{validation_file(args, out)}]",
         "--data.calibration_sentences=null",    # already sampled (step 1)
         "--data.detokenize=null",               # the set is already detokenized (not idempotent)
         "--data.max_eval_samples=50",           # end-of-training eval loss on a few documents only
@@ -166,6 +166,24 @@ def calibration_overrides(args, objective: str, out: Path) -> list[str]:
     ]
 
 
+def validation_file(args, out: Path, write: bool = False) -> Path:
+    """The validation text of the end-of-training eval, detokenized like the calibration text.
+
+    The runs switch ``data.detokenize`` off (the calibration set is already detokenized, and the
+    WikiText detokenizer is not idempotent), which would leave the raw validation file
+    undetokenized — a different text format from training and test.  ``write`` makes the copy
+    (once, before the runs)."""
+    if args.detokenize in (None, "none", "null"):
+        return Path(args.valid_file)
+    path = out / "validation.txt"
+    if write:
+        from emo_trainer.data import detokenize_wikitext
+
+        lines = Path(args.valid_file).read_text(encoding="utf-8").splitlines()
+        path.write_text("\n".join(detokenize_wikitext(x) for x in lines) + "\n", encoding="utf-8")
+    return path
+
+
 def build_calibration_set(args, out: Path) -> list[str]:
     """Step 1: the calibration set from the train documents, exactly as ``build_trainer`` builds it."""
     from emo_trainer.config import load_config
@@ -178,7 +196,7 @@ def build_calibration_set(args, out: Path) -> list[str]:
         return path.read_text(encoding="utf-8").splitlines()
     cfg = load_config(args.config, [
         f"--model.name_or_path={args.model}", "--data.dataset=null", f"--data.train_files=[{args.train_file}]",
-        f"--data.validation_files=[{args.valid_file}]",
+        f"--data.validation_files=[{validation_file(args, out)}]",
         f"--data.detokenize={'null' if args.detokenize == 'none' else args.detokenize}",
         f"--data.calibration_sentences={args.sentences}", f"--training.seed={args.seed}",
     ])
@@ -493,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     sents = build_calibration_set(args, out)
+    validation_file(args, out, write=True)
     logger.info("calibration set: %d sentences in %s", len(sents), out / "calibration_set.txt")
     prompts = prompts_of(args)
     reference_features(args, out, prompts)

@@ -127,3 +127,22 @@ def test_study_resumes_only_with_its_own_settings(tmp_path):
     assert study.check_settings(parse([*base, "emo", "--jobs", "2"]), out) is None  # more objectives, more jobs
     problem = study.check_settings(parse([*base[:3], "150", "--learning-rate", "1e-4"]), out)
     assert "--sentences 200 → 150" in problem and "--learning-rate 5e-05 → 0.0001" in problem
+
+
+def test_study_validation_text_is_detokenized_like_training(tmp_path):
+    import importlib.util
+
+    from emo_trainer.data import detokenize_wikitext
+
+    spec = importlib.util.spec_from_file_location("calibration_study", ROOT / "scripts/calibration_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    raw = tmp_path / "valid.raw"
+    raw.write_text(" = Title = \n The well @-@ known song , \" Hey \" , was 1 @,@ 000 years old . \n")
+    args = study.make_parser().parse_args(["--valid-file", str(raw)])
+    path = study.validation_file(args, tmp_path, write=True)
+    want = [detokenize_wikitext(x) for x in raw.read_text().splitlines()]
+    assert path.read_text().splitlines() == want and "well-known" in want[1]
+    assert f"--data.validation_files=[{path}]" in study.calibration_overrides(args, "mle", tmp_path)
+    off = study.make_parser().parse_args(["--valid-file", str(raw), "--detokenize", "none"])
+    assert study.validation_file(off, tmp_path) == raw
