@@ -102,6 +102,9 @@ def _model(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     if args.model:
+        if not (Path(args.model) / "config.json").is_file():
+            raise SystemExit(f"error: --model {args.model}: not a model directory (no config.json); train one first "
+                             f"(e.g. the README quickstart: runs/quickstart/final) or time --fresh quickstart")
         tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval(), tok
     if args.fresh == "quickstart":
@@ -110,17 +113,20 @@ def _model(args):
 
         tok = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else \
             train_bpe_tokenizer(quickstart_splits(seed=0)["train"], 512)
-        config = GPT2Config(n_layer=2, n_embd=128, n_head=4, n_positions=128, vocab_size=len(tok))
+        config = GPT2Config(n_layer=2, n_embd=128, n_head=4, n_positions=128, vocab_size=len(tok),
+                            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     else:
         if not args.tokenizer:
             raise SystemExit(f"--fresh {args.fresh} needs --tokenizer (e.g. ../shared/data/gpt2-tokenizer)")
         tok = AutoTokenizer.from_pretrained(args.tokenizer)
         if args.fresh == "gpt2-small":
-            config = GPT2Config(vocab_size=len(tok))  # GPT-2 small: 12 layers, 768 wide, 1024 positions
+            # GPT-2 small: 12 layers, 768 wide, 1024 positions
+            config = GPT2Config(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
         else:
             config = GPT2Config.from_pretrained(args.fresh)
             config.dtype = "float32"
     config.bos_token_id = config.eos_token_id = tok.eos_token_id
+    config.pad_token_id = tok.pad_token_id
     torch.manual_seed(0)
     return GPT2LMHeadModel(config).eval(), tok
 
