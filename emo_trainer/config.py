@@ -489,6 +489,7 @@ def cli_value(path: list[str], text: str) -> Any:
     """A command-line value as ``load_config`` reads it: YAML, but kept a string where the key at
     ``path`` (e.g. ``["eval", "mauve_featurizer"]``) is a string."""
     value = _parse_cli_value(text)
+    # keep strings that YAML would turn into numbers where a string is expected (e.g. paths)
     return _maybe_keep_string(path, text, value) if isinstance(value, (int, float)) else value
 
 
@@ -589,9 +590,7 @@ def _resolve_key(key: str) -> list[str]:
     return hits[0]
 
 
-def _parse_cli_value(val: str | None) -> Any:
-    if val is None:
-        return True
+def _parse_cli_value(val: str) -> Any:
     try:
         return yaml.safe_load(val)
     except yaml.YAMLError:
@@ -616,11 +615,7 @@ def apply_overrides(raw: dict, overrides: list[tuple[str, str | None]]) -> dict:
         tp = _key_type(path)
         if val is None and tp is not Any and tp is not bool and bool not in typing.get_args(tp):
             raise ConfigError(f"--{key} needs a value, e.g. --{key} {'emo' if path == ['objective', 'name'] else 'VALUE'}")
-        value = _parse_cli_value(val)
-        # keep strings that YAML would turn into numbers where a string is expected (e.g. paths)
-        if isinstance(value, (int, float)) and val is not None:
-            value = _maybe_keep_string(path, val, value)
-        _set_path(raw, path, value)
+        _set_path(raw, path, True if val is None else cli_value(path, val))  # a bare flag = true
     return raw
 
 

@@ -73,8 +73,9 @@ def _base_of(adapter: Path, recorded: str | None) -> str:
     tried as given, then from the folders above the adapter (``runs/x/final`` → the repository)."""
     if not recorded:
         raise MergeError(f"{adapter / 'adapter_config.json'} names no base model; pass --base")
-    looks_local = recorded.startswith((".", "/", "~")) or Path(recorded).exists()
-    if not looks_local or Path(recorded).expanduser().exists():
+    from emo_trainer.modeling import _looks_local
+
+    if not _looks_local(recorded) or Path(recorded).expanduser().exists():
         return recorded
     for root in adapter.resolve().parents[:4]:
         if (root / recorded).exists():
