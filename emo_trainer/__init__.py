@@ -8,6 +8,10 @@ __version__ = "0.1.0"
 
 __all__ = ["ObjectiveTrainer", "get_objective", "load_config", "__version__"]
 
+from . import _compat
+
+_compat.install()  # old module paths (emo_trainer.backspace, emo_trainer.metrics, ...) keep importing
+
 
 def __getattr__(name):  # lazy: importing the package does not import the Trainer stack
     if name == "ObjectiveTrainer":

@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nerror: {_one_line(e)}", file=sys.stderr)  # newline: a progress bar may be mid-line
             return 1
         user_errors = (ConfigError, *_loaded("emo_trainer.data", "DataError"),
-                       *_loaded("emo_trainer.metrics.mauve", "MauveSampleError"),
+                       *_loaded("emo_trainer.evaluation.metrics.mauve", "MauveSampleError"),
                        *_loaded("emo_trainer.objectives", "ObjectiveError"))
         if isinstance(e, user_errors) or (isinstance(e, ValueError) and any(
                 s in str(e) for s in ("resume_from_checkpoint", "vocabulary", "cost embedding"))):

@@ -34,7 +34,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .eval_config import EvalConfig
+from .evaluation.config import EvalConfig
 from .objectives import ObjectiveError, objective_class, objective_options
 from .objectives.registry import PLANNED, available
 

@@ -144,11 +144,11 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
-    from emo_trainer.eval_config import EvalConfig
+    from emo_trainer.evaluation.config import EvalConfig
     from emo_trainer.evaluation import build_generation_callback
-    from emo_trainer.generation import generate_continuations
-    from emo_trainer.metrics.mauve import get_featurizer
-    from emo_trainer.metrics.repetition import mean_length, repetition_metrics
+    from emo_trainer.evaluation.generation import generate_continuations
+    from emo_trainer.evaluation.metrics.mauve import get_featurizer
+    from emo_trainer.evaluation.metrics.repetition import mean_length, repetition_metrics
 
     model, tok = _model(args)
     cfg = EvalConfig(num_prompts=args.num_prompts, prompt_words=args.prompt_words,

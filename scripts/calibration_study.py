@@ -112,7 +112,7 @@ def test_documents(args) -> list[str]:
 
 
 def eval_config(args):
-    from emo_trainer.eval_config import EvalConfig
+    from emo_trainer.evaluation.config import EvalConfig
 
     return EvalConfig(
         num_prompts=args.num_prompts, prompt_words=args.prompt_words, continuation_words=args.continuation_words,
@@ -129,13 +129,13 @@ def _cuda() -> bool:
 
 
 def prompts_of(args):
-    from emo_trainer.prompts import build_prompts
+    from emo_trainer.evaluation.prompts import build_prompts
 
     return build_prompts(test_documents(args), args.prompt_words, args.continuation_words, args.num_prompts)
 
 
 def featurizer_of(args):
-    from emo_trainer.metrics.mauve import get_featurizer
+    from emo_trainer.evaluation.metrics.mauve import get_featurizer
 
     c = eval_config(args)
     return get_featurizer(c.mauve_featurizer, c.mauve_max_text_length, c.featurizer_batch_size, c.mauve_pooling,
@@ -213,7 +213,7 @@ def reference_features(args, out: Path, prompts):
     """MAUVE's p features (prefix + human continuation), computed once for every model."""
     import numpy as np
 
-    from emo_trainer.metrics.mauve import featurize
+    from emo_trainer.evaluation.metrics.mauve import featurize
 
     path, key_path = out / "reference_features.npy", out / "reference_features.key"
     feat = featurizer_of(args)
@@ -233,7 +233,7 @@ def perplexity(model, tokenizer, documents, block_size: int, max_blocks: int | N
 
     from emo_trainer.config import DataConfig
     from emo_trainer.data import CausalLMCollator, tokenize_splits
-    from emo_trainer.metrics.perplexity import dataloader_nll, perplexity_from_totals
+    from emo_trainer.evaluation.metrics.perplexity import dataloader_nll, perplexity_from_totals
 
     dcfg = DataConfig(train_files=["-"], block_size=block_size)
     blocks = tokenize_splits(datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": documents})}),
@@ -252,11 +252,11 @@ def evaluate_model(args, name: str, model_dir: str, out: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from emo_trainer.backspace import backspace_token_id
+    from emo_trainer.objectives.sequencematch.backspace import backspace_token_id
     from emo_trainer.evaluation import aggregate_seeds
-    from emo_trainer.generation import generate_continuations
-    from emo_trainer.metrics.mauve import compute_mauve, featurize
-    from emo_trainer.metrics.repetition import repetition_metrics
+    from emo_trainer.evaluation.generation import generate_continuations
+    from emo_trainer.evaluation.metrics.mauve import compute_mauve, featurize
+    from emo_trainer.evaluation.metrics.repetition import repetition_metrics
 
     cfg = eval_config(args)
     prompts = prompts_of(args)
@@ -270,7 +270,7 @@ def evaluate_model(args, name: str, model_dir: str, out: Path) -> dict:
     bk = backspace_token_id(tokenizer)
     sampler, vocab = None, None
     if bk is not None:  # SequenceMatch: backspace-aware sampling, perplexity over the original vocabulary
-        from emo_trainer.backspace_generation import sample_continuations_with_backspace
+        from emo_trainer.objectives.sequencematch.sampler import sample_continuations_with_backspace
 
         sampler, vocab = sample_continuations_with_backspace, bk
     t0 = time.perf_counter()
@@ -417,7 +417,7 @@ def plot_training(out: Path, objectives: list[str], path: Path) -> None:
 
 
 def collect(args, out: Path, sizing: dict) -> dict:
-    from emo_trainer.metrics.repetition import repetition_metrics
+    from emo_trainer.evaluation.metrics.repetition import repetition_metrics
 
     prompts = prompts_of(args)
     results = {

@@ -43,14 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import yaml
 
-from emo_trainer.eval_config import EvalConfig
+from emo_trainer.evaluation.config import EvalConfig
 
 logger = logging.getLogger("emo_trainer.evaluate")
 CONFIG_FILENAME = "emo_trainer_config.yaml"
 _FORMATS = {".txt": "text", ".text": "text", ".raw": "text", ".tokens": "text", ".jsonl": "json", ".json": "json",
             ".parquet": "parquet", ".csv": "csv"}
-BACKSPACE_SAMPLER = "emo_trainer.backspace_generation:sample_continuations_with_backspace"
-PLAIN_SAMPLER = "emo_trainer.generation:sample_continuations"
+BACKSPACE_SAMPLER = "emo_trainer.objectives.sequencematch.sampler:sample_continuations_with_backspace"
+PLAIN_SAMPLER = "emo_trainer.evaluation.generation:sample_continuations"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
 
@@ -265,11 +265,11 @@ def _load_model(path: str, tokenizer_path: str | None, dtype: str):
 
 def _without_backspace(model, backspace_id: int):
     """``model`` whose logits have the ``<bkspc>`` column at −inf: the SequenceMatch objective's
-    ``eval_logits_transform`` (:func:`emo_trainer.backspace.strip_backspace_logits`), so perplexity is
+    ``eval_logits_transform`` (:func:`emo_trainer.objectives.sequencematch.backspace.strip_backspace_logits`), so perplexity is
     over the original vocabulary exactly as ``ObjectiveTrainer`` reports it during training."""
     import torch
 
-    from emo_trainer.backspace import strip_backspace_logits
+    from emo_trainer.objectives.sequencematch.backspace import strip_backspace_logits
 
     class WithoutBackspace(torch.nn.Module):
         def __init__(self):
@@ -293,8 +293,8 @@ def _perplexity(model, tokenizer, documents, data_cfg, batch_size: int, vocab_si
     import torch
 
     from emo_trainer.data import CausalLMCollator, tokenize_splits
-    from emo_trainer.metrics.perplexity import dataloader_nll, perplexity_from_totals
-    from emo_trainer.sharding import gather_in_order, process_info
+    from emo_trainer.evaluation.metrics.perplexity import dataloader_nll, perplexity_from_totals
+    from emo_trainer.evaluation.sharding import gather_in_order, process_info
 
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and data_cfg.block_size > max_pos:
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     from emo_trainer.cli import _one_line
     from emo_trainer.config import ConfigError
     from emo_trainer.data import DataError
-    from emo_trainer.metrics.mauve import MauveSampleError
+    from emo_trainer.evaluation.metrics.mauve import MauveSampleError
 
     try:
         return _evaluate(args)
@@ -365,9 +365,9 @@ def _evaluate(args) -> int:
 
     from accelerate import PartialState
 
-    from emo_trainer.backspace import backspace_token_id
+    from emo_trainer.objectives.sequencematch.backspace import backspace_token_id
     from emo_trainer.evaluation import GenerationEvalCallback, aggregate_seeds
-    from emo_trainer.prompts import build_prompts
+    from emo_trainer.evaluation.prompts import build_prompts
 
     state = PartialState()  # initialises torch.distributed under `accelerate launch`
     if args.eval_files:

@@ -52,7 +52,7 @@ def merge(adapter: str | Path, output: str | Path, base: str | None = None, toke
     if len(tok) > model.get_input_embeddings().weight.shape[0]:  # e.g. a token added during training
         model.resize_token_embeddings(len(tok))
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    from emo_trainer.backspace import backspace_token_id
+    from emo_trainer.objectives.sequencematch.backspace import backspace_token_id
 
     bk = backspace_token_id(tok)
     if bk is not None:  # a SequenceMatch run: keep the action's id, or a reload would re-initialise its row

@@ -10,12 +10,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from accelerate import PartialState
 from eval_helpers import documents, tiny_gpt2, tiny_tokenizer
 
-from emo_trainer.eval_config import EvalConfig
+from emo_trainer.evaluation.config import EvalConfig
 from emo_trainer.evaluation import GenerationEvalCallback
-from emo_trainer.generation import generate_continuations
-from emo_trainer.metrics.mauve import HashingFeaturizer, featurize
-from emo_trainer.prompts import build_prompts
-from emo_trainer.sharding import broadcast_from_main, process_info
+from emo_trainer.evaluation.generation import generate_continuations
+from emo_trainer.evaluation.metrics.mauve import HashingFeaturizer, featurize
+from emo_trainer.evaluation.prompts import build_prompts
+from emo_trainer.evaluation.sharding import broadcast_from_main, process_info
 
 
 def echo_sampler(model, tokenizer, prompts, config, *, seed=0):

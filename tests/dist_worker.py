@@ -113,7 +113,7 @@ def run_ddp_case(name: str, out_dir: Path, per_device: int) -> dict:
     tokenizer = None
     objective = get_objective(objective_name, **options)
     if objective_name == "sequencematch":
-        from emo_trainer.backspace import add_backspace_token
+        from emo_trainer.objectives.sequencematch.backspace import add_backspace_token
 
         tokenizer = make_tokenizer()
         add_backspace_token(model, tokenizer)

@@ -1,4 +1,4 @@
-"""SequenceMatch keeps SDPA off cuDNN for its tree masks (emo_trainer/attention.py).
+"""SequenceMatch keeps SDPA off cuDNN for its tree masks (emo_trainer/objectives/sequencematch/attention.py).
 
 The slowdown itself needs a GPU (measured on an H100: docs/performance.md); what CPU tests can
 check is that the training forward, its backward and the backspace sampler run inside the
@@ -13,7 +13,7 @@ import torch
 from conftest import make_tiny_gpt2
 from transformers import TrainingArguments
 
-from emo_trainer import attention
+from emo_trainer.objectives.sequencematch import attention
 from emo_trainer.objectives import get_objective
 
 
@@ -39,7 +39,7 @@ def test_default_objectives_choose_nothing():
 
 
 def test_sequencematch_forward_and_sampler_run_without_cudnn(tmp_path, tiny_tokenizer, monkeypatch):
-    from emo_trainer.backspace import add_backspace_token
+    from emo_trainer.objectives.sequencematch.backspace import add_backspace_token
     from emo_trainer.data import CausalLMCollator
     from emo_trainer.trainer import ObjectiveTrainer
 
@@ -64,7 +64,7 @@ def test_sequencematch_forward_and_sampler_run_without_cudnn(tmp_path, tiny_toke
     assert seen and not any(seen)  # every attention call of the forward ran without cuDNN
     loss.backward()
     seen.clear()
-    from emo_trainer.backspace_generation import generate_with_backspace
+    from emo_trainer.objectives.sequencematch.sampler import generate_with_backspace
 
     generate_with_backspace(model, ids, torch.ones_like(ids), backspace_token_id=model.config.backspace_token_id,
                             max_new_tokens=3)

@@ -15,7 +15,7 @@ Tolerances (fp32; only the order of floating-point reductions differs between th
   √v, which magnifies rounding where a gradient is near 0); measured ≤ 1e-4.
 
 SequenceMatch online sampling cannot be bit-equal: each process samples continuations of its own
-data shard with its own seed into its own replay buffer (emo_trainer/replay.py), and normalises
+data shard with its own seed into its own replay buffer (emo_trainer/objectives/sequencematch/replay.py), and normalises
 its model-trajectory term by its own Σγ^t.  It is checked for what it promises: both processes
 sample, the loss is finite and close to the one-process curve (|Δ| ≤ 0.05; measured 1e-2).
 """

@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from eval_helpers import documents
 
-from emo_trainer.metrics.mauve import HashingFeaturizer
+from emo_trainer.evaluation.metrics.mauve import HashingFeaturizer
 
 
 @pytest.mark.slow

@@ -82,7 +82,7 @@ def test_generation_callback_installed_once_with_the_objectives_sampler(tmp_path
     cbs = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GenerationEvalCallback)]
     assert len(cbs) == 1
     if objective == "sequencematch":
-        from emo_trainer.backspace_generation import sample_continuations_with_backspace
+        from emo_trainer.objectives.sequencematch.sampler import sample_continuations_with_backspace
 
         assert cbs[0].sampler is sample_continuations_with_backspace
     else:

@@ -62,7 +62,7 @@ def test_two_checkpoints_two_seeds(setup):
         assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1
         # a plain checkpoint, no run config: plain sampler, full softmax, objective unknown
         assert r["objective"] is None and "backspace_token_id" not in r
-        assert r["sampler"] == "emo_trainer.generation:sample_continuations" and r["perplexity_vocab"] == "full"
+        assert r["sampler"] == "emo_trainer.evaluation.generation:sample_continuations" and r["perplexity_vocab"] == "full"
     a, b = res["checkpoints"].values()
     assert a["perplexity"] != b["perplexity"]
 
@@ -100,7 +100,7 @@ def sm_ckpt(setup):
     the training eval masks only the <bkspc> column, so "first N logits" is not the same number)."""
     from transformers import AutoTokenizer
 
-    from emo_trainer.backspace import add_backspace_token
+    from emo_trainer.objectives.sequencematch.backspace import add_backspace_token
 
     tok = AutoTokenizer.from_pretrained(setup / "ckpt0")
     model = tiny_gpt2(tok, seed=3)
@@ -194,23 +194,23 @@ def test_sequencematch_perplexity_as_in_training(setup, sm_ckpt, tmp_path, caplo
 def test_sequencematch_generation_uses_the_backspace_sampler(setup, sm_ckpt, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from emo_trainer.backspace_generation import sample_continuations_with_backspace
-    from emo_trainer.eval_config import EvalConfig
-    from emo_trainer.generation import generate_continuations, sample_continuations
-    from emo_trainer.metrics.repetition import repetition_metrics
-    from emo_trainer.prompts import build_prompts
+    from emo_trainer.objectives.sequencematch.sampler import sample_continuations_with_backspace
+    from emo_trainer.evaluation.config import EvalConfig
+    from emo_trainer.evaluation.generation import generate_continuations, sample_continuations
+    from emo_trainer.evaluation.metrics.repetition import repetition_metrics
+    from emo_trainer.evaluation.prompts import build_prompts
 
     ckpt, _ = sm_ckpt
     flags = ["--eval-files", str(setup / "eval.txt"), "--no-perplexity", "--num-prompts", "20", "--max-new-tokens",
              "8", "--eval", "prompt_words=8", "--eval", "continuation_words=24", "--eval", "mauve=false"]
     script = _script()
     assert script.main([str(ckpt), *flags, "--output", str(tmp_path / "bk.json")]) == 0
-    assert script.main([str(ckpt), *flags, "--sampler", "emo_trainer.generation:sample_continuations",
+    assert script.main([str(ckpt), *flags, "--sampler", "emo_trainer.evaluation.generation:sample_continuations",
                         "--output", str(tmp_path / "plain.json")]) == 0
     bk_run = json.loads((tmp_path / "bk.json").read_text())["checkpoints"][str(ckpt)]
     plain_run = json.loads((tmp_path / "plain.json").read_text())["checkpoints"][str(ckpt)]
-    assert bk_run["sampler"] == "emo_trainer.backspace_generation:sample_continuations_with_backspace"
-    assert plain_run["sampler"] == "emo_trainer.generation:sample_continuations"
+    assert bk_run["sampler"] == "emo_trainer.objectives.sequencematch.sampler:sample_continuations_with_backspace"
+    assert plain_run["sampler"] == "emo_trainer.evaluation.generation:sample_continuations"
 
     # the same numbers as sampling directly with each sampler
     model, tok = AutoModelForCausalLM.from_pretrained(ckpt).eval(), AutoTokenizer.from_pretrained(ckpt)
@@ -262,8 +262,8 @@ EARLY_ERRORS = {
     "sampler_module": (["--sampler", "no_such_module:f"],
                        ("error: --sampler no_such_module:f: cannot import no_such_module (No module named "
                        "'no_such_module')")),
-    "sampler_function": (["--sampler", "emo_trainer.generation:nope"],
-                         "error: --sampler emo_trainer.generation:nope: emo_trainer.generation has no function nope"),
+    "sampler_function": (["--sampler", "emo_trainer.evaluation.generation:nope"],
+                         "error: --sampler emo_trainer.evaluation.generation:nope: emo_trainer.evaluation.generation has no function nope"),
     "featurizer_offline": (["--featurizer", "emo-trainer-test/no-such-featurizer"], None),  # checked below
     "featurizer_not_a_model": (["--featurizer", "TMP"],
                                (f"error: MAUVE featurizer 'TMP': not a model directory (no config.json); "

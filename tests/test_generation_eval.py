@@ -12,11 +12,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from eval_helpers import documents, tiny_gpt2, tiny_tokenizer
 
-from emo_trainer.eval_config import EvalConfig
+from emo_trainer.evaluation.config import EvalConfig
 from emo_trainer.evaluation import GenerationEvalCallback, aggregate_seeds, build_generation_callback
-from emo_trainer.generation import generate_continuations, sample_continuations
-from emo_trainer.metrics.mauve import MauveSampleError
-from emo_trainer.prompts import build_prompts
+from emo_trainer.evaluation.generation import generate_continuations, sample_continuations
+from emo_trainer.evaluation.metrics.mauve import MauveSampleError
+from emo_trainer.evaluation.prompts import build_prompts
 
 # quickstart documents have 36-76 words: short prompts; MAUVE kept cheap
 FAST = {"prompt_words": 8, "continuation_words": 24, "max_new_tokens": 8, "batch_size": 32,

@@ -111,7 +111,7 @@ def test_merge_finds_a_relative_base_from_elsewhere_and_keeps_the_backspace_acti
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from emo_trainer.backspace import add_backspace_token
+    from emo_trainer.objectives.sequencematch.backspace import add_backspace_token
 
     tmp_path, base = llama_run
     monkeypatch.chdir(tmp_path)

@@ -81,7 +81,7 @@ def _setup(objective: str, tied: bool, tmp_path, bk_tokenizer, bias: bool = Fals
     model = _model(tied=tied, bias=bias)
     tokenizer = None
     if objective == "sequencematch":
-        from emo_trainer.backspace import add_backspace_token
+        from emo_trainer.objectives.sequencematch.backspace import add_backspace_token
 
         tokenizer = copy.deepcopy(bk_tokenizer)
         add_backspace_token(model, tokenizer)
@@ -137,7 +137,7 @@ def _stats_ref(z64: torch.Tensor, y: torch.Tensor, e_hat64: torch.Tensor) -> dic
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 1e-2)], ids=str)
 @pytest.mark.parametrize("block_rows", [1, 5, 1000])
 def test_fused_stats_values_and_gradients(dtype, tol, block_rows):
-    from emo_trainer.objectives.fused import softmax_stats
+    from emo_trainer.ops.fused import softmax_stats
 
     g = torch.Generator().manual_seed(0)
     n, vocab, dc = 13, 37, 6
@@ -166,7 +166,7 @@ def test_fused_stats_values_and_gradients(dtype, tol, block_rows):
 def test_fused_demd_keeps_relative_precision_near_zero(kernels, monkeypatch):
     """q on the gold token: D down to 1e-17, still accurate (no 1 − (1 − D) cancellation) —
     in the PyTorch code and in the Triton kernels (CPU interpreter, see test_triton_stats.py)."""
-    from emo_trainer.objectives.fused import self_costs, softmax_stats
+    from emo_trainer.ops.fused import self_costs, softmax_stats
 
     if kernels == "triton":
         pytest.importorskip("triton")
@@ -194,7 +194,7 @@ def test_fused_demd_keeps_relative_precision_near_zero(kernels, monkeypatch):
 
 
 def test_fused_stats_ignore_autocast():
-    from emo_trainer.objectives.fused import softmax_stats
+    from emo_trainer.ops.fused import softmax_stats
 
     g = torch.Generator().manual_seed(2)
     z = torch.randn(6, 40, generator=g, requires_grad=True)
@@ -209,7 +209,8 @@ def test_fused_stats_ignore_autocast():
 
 def test_chunked_backward_replays_the_fused_statistics(monkeypatch):
     """The chunk recompute in backward reuses the forward's row statistics: no second stats pass."""
-    from emo_trainer.objectives import chunked_objective_loss, fused, get_objective
+    from emo_trainer.objectives import chunked_objective_loss, get_objective
+    from emo_trainer.ops import fused
 
     passes = []
     real_blocks = fused._blocks
@@ -428,7 +429,8 @@ def test_chunked_emo_builds_its_transport_matrix_once(monkeypatch):
 def test_chunked_head_padding_is_invisible(vocab):
     """The chunk matmuls pad V to a multiple of 64 (fast GPU kernels); values and gradients are
     those of the unpadded head, including the bias and its gradient."""
-    from emo_trainer.objectives import chunked, chunked_objective_loss, get_objective
+    from emo_trainer.objectives import chunked_objective_loss, get_objective
+    from emo_trainer.ops import chunked
 
     g = torch.Generator().manual_seed(6)
     hidden = torch.randn(2, 20, 8, generator=g)

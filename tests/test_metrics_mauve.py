@@ -12,8 +12,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from eval_helpers import documents, tiny_gpt2, tiny_tokenizer
 
-from emo_trainer import metrics
-from emo_trainer.metrics.mauve import (
+from emo_trainer.evaluation import metrics
+from emo_trainer.evaluation.metrics.mauve import (
     FeatureCache,
     HashingFeaturizer,
     MauveSampleError,

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from emo_trainer import metrics
-from emo_trainer.metrics.perplexity import dataloader_nll, perplexity_from_totals, sequence_nll
+from emo_trainer.evaluation import metrics
+from emo_trainer.evaluation.metrics.perplexity import dataloader_nll, perplexity_from_totals, sequence_nll
 
 
 def test_uniform_logits_give_vocab_size():

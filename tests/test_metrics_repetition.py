@@ -5,8 +5,8 @@ import math
 import evaluate
 import pytest
 
-from emo_trainer import metrics
-from emo_trainer.metrics.repetition import (
+from emo_trainer.evaluation import metrics
+from emo_trainer.evaluation.metrics.repetition import (
     distinct_n,
     diversity,
     mean_length,

@@ -14,7 +14,7 @@ import torch
 from conftest import make_tiny_gpt2
 from transformers import TrainingArguments
 
-from emo_trainer.backspace import add_backspace_token
+from emo_trainer.objectives.sequencematch.backspace import add_backspace_token
 from emo_trainer.cli import main
 from emo_trainer.data import CausalLMCollator
 from emo_trainer.objectives import available, get_objective
@@ -202,7 +202,7 @@ def test_minus_infinity_logits_are_masked_columns_not_nan(name, dtype):
 def test_entropy_gradient_with_minus_infinity_logits_any_incoming_gradient(scale):
     """softmax_stats' differentiable entropy: a −∞ column gets gradient 0 whatever multiplies H
     (a floor of finfo.min overflowed to inf once scaled by |g_H| > 1, and 0·inf = nan)."""
-    from emo_trainer.objectives.fused import softmax_stats
+    from emo_trainer.ops.fused import softmax_stats
 
     z = torch.randn(4, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     z[:, 3] = float("-inf")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from emo_trainer.prompts import Prompt, build_prompts, is_heading
+from emo_trainer.evaluation.prompts import Prompt, build_prompts, is_heading
 
 
 def words(start: int, n: int) -> str:

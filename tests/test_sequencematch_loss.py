@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 
-from emo_trainer.backspace_tree import collate_tapes, data_tapes, model_tape
+from emo_trainer.objectives.sequencematch.tree import collate_tapes, data_tapes, model_tape
 from emo_trainer.objectives import chunked_objective_loss, get_objective
 
 V = 40
@@ -292,7 +292,7 @@ def test_policy_stats_match_plain_autograd_and_gradcheck():
 def test_packing_model_rows_does_not_change_the_loss():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from emo_trainer.backspace_tree import pack_tapes
+    from emo_trainer.objectives.sequencematch.tree import pack_tapes
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=V, n_positions=32, resid_pdrop=0.0,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emo_trainer.backspace import apply_backspaces
-from emo_trainer.backspace_generation import generate_with_backspace
+from emo_trainer.objectives.sequencematch.backspace import apply_backspaces
+from emo_trainer.objectives.sequencematch.sampler import generate_with_backspace
 
 BK = 63
 EOS = 2
@@ -122,9 +122,9 @@ def test_length_stop_eos_stop_and_greedy_padding_invariance():
 def test_text_helpers(tiny_tokenizer, tmp_path):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from emo_trainer.backspace import add_backspace_token
-    from emo_trainer.backspace_generation import generate_text, sample_continuations_with_backspace
-    from emo_trainer.eval_config import EvalConfig
+    from emo_trainer.objectives.sequencematch.backspace import add_backspace_token
+    from emo_trainer.objectives.sequencematch.sampler import generate_text, sample_continuations_with_backspace
+    from emo_trainer.evaluation.config import EvalConfig
 
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
     tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
@@ -141,7 +141,7 @@ def test_text_helpers(tiny_tokenizer, tmp_path):
 
 
 def test_samples_fit_the_model_context():
-    from emo_trainer.replay import sample_trajectories
+    from emo_trainer.objectives.sequencematch.replay import sample_trajectories
 
     model = tiny_model("gpt2")  # 64 positions
     prompts = [list(range(3, 50)), [5, 6]]  # 47 tokens: 47 + 64 new tokens would overflow

@@ -164,7 +164,7 @@ def _trainer(tmp_path, tokenizer, loss_path="full", n_layer=2, **options):
     from conftest import make_tiny_gpt2
     from transformers import TrainingArguments
 
-    from emo_trainer.backspace import add_backspace_token
+    from emo_trainer.objectives.sequencematch.backspace import add_backspace_token
     from emo_trainer.trainer import ObjectiveTrainer
 
     model = make_tiny_gpt2(vocab_size=VOCAB, n_layer=n_layer)

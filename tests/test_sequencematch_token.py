@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from emo_trainer.backspace import (
+from emo_trainer.objectives.sequencematch.backspace import (
     BACKSPACE_TOKEN,
     add_backspace_token,
     apply_backspaces,

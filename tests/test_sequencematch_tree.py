@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emo_trainer.backspace_tree import collate_tapes, data_tapes, model_tape
+from emo_trainer.objectives.sequencematch.tree import collate_tapes, data_tapes, model_tape
 
 BK = 63  # backspace id inside the tiny vocabulary of 64
 EOS = 2
@@ -143,7 +143,7 @@ def test_padding_rows_never_fully_masked():
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_packed_model_trajectories_see_only_themselves(kind):
-    from emo_trainer.backspace_tree import concat_tapes, pack_tapes
+    from emo_trainer.objectives.sequencematch.tree import concat_tapes, pack_tapes
 
     model = tiny_model(kind, "sdpa")
     tapes = [model_tape(p, a, BK, terminal=term) for p, a, term in MODEL]
@@ -168,7 +168,7 @@ def test_packed_model_trajectories_see_only_themselves(kind):
 # ---------------------------------------------------------------------- batched construction
 def _reference_row_tape(x, y, bk, rate, noise, pool, eos, generator):
     """The per-row construction the batched :func:`augment_batch` replaced (kept as the reference)."""
-    from emo_trainer.backspace_tree import NEVER, Tape
+    from emo_trainer.objectives.sequencematch.tree import NEVER, Tape
 
     n = x.numel()
     act = y != -100
@@ -207,7 +207,7 @@ def _reference_row_tape(x, y, bk, rate, noise, pool, eos, generator):
 @pytest.mark.parametrize("rate", [0.0, 0.05, 0.5])
 @pytest.mark.parametrize("padding", ["none", "right", "left"])
 def test_batched_augmentation_equals_the_per_row_construction(mode, rate, padding):
-    from emo_trainer.backspace_tree import NoiseSampler, augment_batch
+    from emo_trainer.objectives.sequencematch.tree import NoiseSampler, augment_batch
 
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, BK, (5, 40), generator=g)
@@ -255,7 +255,7 @@ def _state_after(ids, labels, am, kw):
 
 
 def test_additive_mask_equals_the_boolean_ancestor_mask():
-    from emo_trainer.backspace_tree import NEVER, additive_ancestor_mask, ancestor_mask, concat_tapes
+    from emo_trainer.objectives.sequencematch.tree import NEVER, additive_ancestor_mask, ancestor_mask, concat_tapes
 
     tapes = build_batch()
     tapes.append(concat_tapes([model_tape(p, a, BK, terminal=term) for p, a, term in MODEL]))

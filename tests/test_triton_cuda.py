@@ -14,8 +14,8 @@ if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("needs CUDA and TRITON_INTERPRET=0", allow_module_level=True)
 pytest.importorskip("triton")
 
-from emo_trainer.objectives import triton_stats
-from emo_trainer.objectives.fused import softmax_stats
+from emo_trainer.ops import triton_stats
+from emo_trainer.ops.fused import softmax_stats
 
 
 def _reference(z64, y, e_hat64):

@@ -20,8 +20,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # conftest sets it before triton 
     pytest.skip("Triton's interpreter is off (TRITON_INTERPRET != 1)", allow_module_level=True)
 
 from emo_trainer.data import CausalLMCollator
-from emo_trainer.objectives import fused, triton_stats
-from emo_trainer.objectives.fused import softmax_stats
+from emo_trainer.ops import fused, triton_stats
+from emo_trainer.ops.fused import softmax_stats
 from emo_trainer.trainer import ObjectiveTrainer
 
 VOCAB = 300
@@ -217,7 +217,7 @@ def test_a_triton_that_cannot_build_falls_back_once(interpret, monkeypatch, capl
 
     monkeypatch.setattr(triton_stats, "_kernels", broken)
     z64, y, _, _ = _data(n=5)
-    with caplog.at_level(logging.WARNING, logger="emo_trainer.objectives.triton_stats"):
+    with caplog.at_level(logging.WARNING, logger="emo_trainer.ops.triton_stats"):
         got = softmax_stats(z64.float(), y, entropy=True)
     assert "failed" in caplog.text and triton_stats._state["disabled"]
     ref = _reference(z64.float().double(), y)

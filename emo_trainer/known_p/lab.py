@@ -297,7 +297,7 @@ def _run_one(config, fam, family, spec, chain, train, evalset, seed, out) -> dic
             model.to("cuda")
         tokenizer = make_tokenizer(chain)  # fresh per run: SequenceMatch adds <bkspc> to it
         if spec.name == "sequencematch":
-            from ..backspace import add_backspace_token
+            from ..objectives.sequencematch.backspace import add_backspace_token
 
             add_backspace_token(model, tokenizer)  # before any optimizer exists
         objective = get_objective(spec.name, **opts)

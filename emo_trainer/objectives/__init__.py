@@ -8,7 +8,6 @@ Usable without the Trainer::
 """
 
 from .base import IGNORE_INDEX, Objective, ObjectiveOutput, reduce_loss, shift_labels
-from .chunked import chunked_objective_loss, chunked_token_stats
 from .registry import ObjectiveError, available, get_objective, objective_class, objective_options, register
 
 # Importing the modules registers the objectives.
@@ -20,6 +19,17 @@ for _optional in ("emo", "mixce", "mile", "sequencematch"):
     except ModuleNotFoundError as _e:  # not written yet: stays in registry.PLANNED
         if _e.name != f"{__name__}.{_optional}":
             raise
+
+
+def __getattr__(name):
+    # the chunked path lives with the kernels (emo_trainer.ops.chunked), which imports objectives.base:
+    # loaded on first use so that either package can be imported first
+    if name in ("chunked_objective_loss", "chunked_token_stats"):
+        from ..ops import chunked
+
+        return getattr(chunked, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "IGNORE_INDEX",

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Objective, masked_mean
-from .fused import self_costs, softmax_stats
+from ..ops.fused import self_costs, softmax_stats
 from .registry import register
 
 #: Epsilon of the row L2-normalisation of the cost embedding (a zero row stays zero).

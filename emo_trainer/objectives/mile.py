@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from .base import Objective, masked_mean
-from .fused import softmax_stats
+from ..ops.fused import softmax_stats
 from .registry import register
 
 SIGMA = 1.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .base import Objective, masked_mean
-from .fused import softmax_stats
+from ..ops.fused import softmax_stats
 from .registry import register
 
 

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .eval_config import EvalConfig
+from .config import EvalConfig
 from .sharding import gather_in_order, process_info, shard_for_process
 
 __all__ = ["Sampler", "generate_continuations", "generation_mode", "sample_continuations"]

@@ -7,13 +7,13 @@ Offline with the dependency-free featurizer, or with any local ``transformers`` 
     mauve.compute(predictions=..., references=..., featurizer="/models/gpt2-large")
 
 Texts should be whole texts (prefix + continuation). Fewer than 50 pairs raise, fewer than 500
-warn; the sample count is returned with the score. Details: ``emo_trainer/metrics/mauve.py``.
+warn; the sample count is returned with the score. Details: ``emo_trainer/evaluation/metrics/mauve.py``.
 """
 
 import datasets
 import evaluate
 
-from emo_trainer.metrics.mauve import FeatureCache, get_featurizer, mauve_score
+from emo_trainer.evaluation.metrics.mauve import FeatureCache, get_featurizer, mauve_score
 
 _DESCRIPTION = """\
 MAUVE (Pillutla et al., 2021) between the distribution of human texts p (references) and model

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .backspace import unwrap_model
-from .backspace_generation import generate_with_backspace, left_pad, max_positions
+from .sampler import generate_with_backspace, left_pad, max_positions
 
 __all__ = ["ModelTrajectory", "ReplayBuffer", "data_prefixes", "sample_trajectories"]
 

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from transformers import TrainerCallback
 
-from .eval_config import EvalConfig
+from .config import EvalConfig
 from .generation import Sampler, generate_continuations
 from .metrics.mauve import (
     RECOMMENDED_SAMPLES,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import IGNORE_INDEX, Objective, ObjectiveOutput, shift_labels
+from ..objectives.base import IGNORE_INDEX, Objective, ObjectiveOutput, shift_labels
 from .fused import GEMM_ALIGN, pad_rows, row_stats_cache
 
 DEFAULT_CHUNK_SIZE = 2048

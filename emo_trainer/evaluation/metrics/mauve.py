@@ -249,7 +249,7 @@ def featurize(
     featurizer: Featurizer, texts: Sequence[str], cache: FeatureCache | None = None
 ) -> np.ndarray:
     """Features of ``texts``; sharded over accelerate processes and gathered; looked up in/stored to ``cache``."""
-    from emo_trainer.sharding import gather_in_order, process_info, shard_for_process
+    from emo_trainer.evaluation.sharding import gather_in_order, process_info, shard_for_process
 
     texts = list(texts)
     if cache is not None and (hit := cache.get(featurizer, texts)) is not None:

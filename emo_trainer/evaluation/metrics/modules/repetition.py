@@ -3,17 +3,17 @@
 Offline, like any local module::
 
     import evaluate
-    rep = evaluate.load("/path/to/emo_trainer/metrics/modules/repetition.py")
+    rep = evaluate.load("/path/to/emo_trainer/evaluation/metrics/modules/repetition.py")
     rep.compute(predictions=["the cat sat on the mat", "a b a b"])
 
 or ``emo_trainer.metrics.load("repetition")``. Definitions and corner cases:
-``emo_trainer/metrics/repetition.py``.
+``emo_trainer/evaluation/metrics/repetition.py``.
 """
 
 import datasets
 import evaluate
 
-from emo_trainer.metrics.repetition import repetition_metrics
+from emo_trainer.evaluation.metrics.repetition import repetition_metrics
 
 _DESCRIPTION = """\
 Repetition and diversity of a set of texts on whitespace tokens: rep-n (n = 2, 3, 4) = 1 − Σ distinct

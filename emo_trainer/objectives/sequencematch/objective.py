@@ -67,14 +67,14 @@ from typing import Any
 
 import torch
 
-from ..attention import sdpa_without_cudnn
-from ..backspace import BACKSPACE_TOKEN, add_backspace_token, backspace_token_id, strip_backspace_logits, unwrap_model
-from ..backspace_generation import check_custom_mask_support, sample_continuations_with_backspace
-from ..backspace_tree import NoiseSampler, augment_batch, collate_tapes, model_tape, pack_tapes
-from ..replay import ReplayBuffer, data_prefixes, sample_trajectories
-from .base import IGNORE_INDEX, Objective, masked_mean
-from .mle import MleObjective
-from .registry import ObjectiveError, register
+from .attention import sdpa_without_cudnn
+from .backspace import BACKSPACE_TOKEN, add_backspace_token, backspace_token_id, strip_backspace_logits, unwrap_model
+from .sampler import check_custom_mask_support, sample_continuations_with_backspace
+from .tree import NoiseSampler, augment_batch, collate_tapes, model_tape, pack_tapes
+from .replay import ReplayBuffer, data_prefixes, sample_trajectories
+from ..base import IGNORE_INDEX, Objective, masked_mean
+from ..mle import MleObjective
+from ..registry import ObjectiveError, register
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class SequenceMatchObjective(Objective):
 
     def forward_context(self):
         """The training forward sees a tree mask whose length changes every step: keep SDPA off
-        cuDNN, which rebuilds its graph per call for such masks (``emo_trainer/attention.py``)."""
+        cuDNN, which rebuilds its graph per call for such masks (``emo_trainer/objectives/sequencematch/attention.py``)."""
         return sdpa_without_cudnn()
 
     def prepare_model(self, model: torch.nn.Module, tokenizer: Any) -> int:

@@ -125,7 +125,7 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     return logits
 
 
-@without_cudnn_sdpa  # tree masks of changing length (emo_trainer/attention.py)
+@without_cudnn_sdpa  # tree masks of changing length (emo_trainer/objectives/sequencematch/attention.py)
 @torch.no_grad()
 def generate_with_backspace(
     model: torch.nn.Module,

@@ -44,5 +44,5 @@ def load(name: str, **kwargs):
     ``kwargs`` go to ``evaluate.EvaluationModule.__init__`` (e.g. ``keep_in_memory=True``).
     """
     module_path(name)  # validates the name
-    module = importlib.import_module(f"emo_trainer.metrics.modules.{name}")
+    module = importlib.import_module(f"{__name__}.modules.{name}")
     return getattr(module, MODULES[name])(**kwargs)

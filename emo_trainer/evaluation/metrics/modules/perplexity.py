@@ -7,13 +7,13 @@
     ppl.compute()   # {"perplexity": exp(Σ nll / Σ tokens), "nll": Σ nll / Σ tokens, "num_tokens": Σ tokens}
 
 Token-weighted over everything added, not a mean of batch means. See
-``emo_trainer/metrics/perplexity.py``.
+``emo_trainer/evaluation/metrics/perplexity.py``.
 """
 
 import datasets
 import evaluate
 
-from emo_trainer.metrics.perplexity import perplexity_from_totals
+from emo_trainer.evaluation.metrics.perplexity import perplexity_from_totals
 
 _DESCRIPTION = """\
 Perplexity = exp(Σ NLL / Σ target tokens) over everything added (token-weighted), from the summed
