@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, ExperimentConfig, build_objective, load_config
+from .errors import UserError
 
 logger = logging.getLogger("emo_trainer")
 
@@ -212,11 +213,8 @@ def _check_positions(model, block_size: int) -> None:
 def _maybe_add_generation_eval(trainer, cfg: ExperimentConfig, eval_texts, tokenizer) -> None:
     if not cfg.eval.generation or cfg.eval.num_prompts == 0:
         return
-    try:
-        from .evaluation import build_generation_callback
-    except ImportError:
-        logger.warning("generation metrics are not available in this build; only eval loss/perplexity are computed")
-        return
+    from .evaluation.callback import build_generation_callback
+
     # ObjectiveTrainer computes the token-weighted eval perplexity itself; the callback adds the
     # generation metrics, with the objective's own sampler when it has one (SequenceMatch's
     # backspace-aware sampler: metrics on the final text, deletions applied).
@@ -233,28 +231,9 @@ def resolve_resume(cfg: ExperimentConfig, resume_from_checkpoint):
     ``training.output_dir``.  Checked before any data or model is loaded: a wrong path fails in
     a second, not after the tokenisation.
     """
-    from .trainer import COMPLETE_MARKER, last_complete_checkpoint
+    from .trainer import resolve_checkpoint
 
-    if resume_from_checkpoint is None or str(resume_from_checkpoint).lower() in ("false", "none", ""):
-        return None
-    output_dir = cfg.training.get("output_dir") or "trainer_output"
-    if str(resume_from_checkpoint).lower() in ("true", "last"):
-        found = last_complete_checkpoint(output_dir)
-        if found is None:
-            raise ConfigError(
-                f"--resume_from_checkpoint true: no complete checkpoint in {output_dir} (nothing to resume); "
-                f"start without --resume_from_checkpoint or point it at a checkpoint-N folder"
-            )
-        return found
-    path = Path(resume_from_checkpoint)
-    if not path.is_dir():
-        raise ConfigError(f"--resume_from_checkpoint: {path} is not a directory (expected .../checkpoint-N)")
-    if not (path / COMPLETE_MARKER).exists():
-        raise ConfigError(
-            f"--resume_from_checkpoint: {path} is incomplete (no {COMPLETE_MARKER}: the run died while writing it); "
-            f"use an earlier checkpoint, or --resume_from_checkpoint true for the last complete one"
-        )
-    return str(path)
+    return resolve_checkpoint(resume_from_checkpoint, cfg.training.get("output_dir") or "trainer_output")
 
 
 def run(cfg: ExperimentConfig, resume_from_checkpoint=None, overwrite_output_dir: bool = False) -> dict:
@@ -320,11 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             # not a config error: the run diverged (exit 1, checkpoints kept)
             print(f"\nerror: {_one_line(e)}", file=sys.stderr)  # newline: a progress bar may be mid-line
             return 1
-        user_errors = (ConfigError, *_loaded("emo_trainer.data", "DataError"),
-                       *_loaded("emo_trainer.evaluation.metrics.mauve", "MauveSampleError"),
-                       *_loaded("emo_trainer.objectives", "ObjectiveError"))
-        if isinstance(e, user_errors) or (isinstance(e, ValueError) and any(
-                s in str(e) for s in ("resume_from_checkpoint", "vocabulary", "cost embedding"))):
+        if isinstance(e, UserError):
             print(f"error: {_one_line(e)}", file=sys.stderr)
             return 2
         raise

@@ -34,17 +34,16 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from .errors import ConfigError
 from .evaluation.config import EvalConfig
 from .objectives import ObjectiveError, objective_class, objective_options
-from .objectives.registry import PLANNED, available
+from .objectives.registry import available
 
 logger = logging.getLogger(__name__)
 
 SECTIONS = ("model", "data", "objective", "eval", "training")
 
 
-class ConfigError(ValueError):
-    """A user error in the configuration; the message names the key and the fix."""
 
 
 # --------------------------------------------------------------------------- sections
@@ -324,7 +323,7 @@ def _suggest(key: str, choices) -> str:
 
 # --------------------------------------------------------------------------- building
 def _objective_names() -> set[str]:
-    return set(available()) | set(PLANNED)
+    return set(available())
 
 
 def _build_section(cls, raw: dict, section: str):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .config import DataConfig
+from .errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +30,6 @@ _FORMATS = {".txt": "text", ".text": "text", ".raw": "text", ".tokens": "text", 
             ".parquet": "parquet", ".csv": "csv"}
 
 
-class DataError(ValueError):
-    """Unusable data: missing files, empty dataset/column, text shorter than one block, bad encoding."""
 
 
 # --------------------------------------------------------------------------- raw splits

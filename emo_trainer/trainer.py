@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .errors import CheckpointError
 from .objectives import Objective, ObjectiveError, chunked_objective_loss, get_objective, shift_labels
 from .objectives.base import IGNORE_INDEX
 
@@ -364,18 +365,9 @@ class ObjectiveTrainer(Trainer):
 
         ``resume_from_checkpoint=True`` picks the last *complete* checkpoint in ``output_dir``.
         """
-        if resume_from_checkpoint is True or resume_from_checkpoint == "last":
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(
-                    f"resume_from_checkpoint: no complete checkpoint in {self.args.output_dir}; "
-                    f"start without --resume_from_checkpoint or point it at a checkpoint-N folder"
-                )
+        resume_from_checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir, require_complete=False)
         if resume_from_checkpoint:
-            path = Path(resume_from_checkpoint)
-            if not path.is_dir():
-                raise ValueError(f"resume_from_checkpoint: {path} is not a directory (expected .../checkpoint-N)")
-            load_objective_state(self.objective, path)
+            load_objective_state(self.objective, Path(resume_from_checkpoint))
         self.objective.reset_step_scale()  # nothing left over from an interrupted step
         self._step_loss = None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
@@ -498,19 +490,32 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return str(max(found)[1]) if found else None
 
 
-def token_weighted_ce(model, dataloader, device=None) -> tuple[float, int]:
-    """Σ NLL / Σ tokens of a causal LM over a dataloader of (input_ids, attention_mask, labels)."""
-    total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for batch in dataloader:
-            batch = {k: v.to(device or model.device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-            targets = shift_labels(batch["labels"])
-            valid = targets != IGNORE_INDEX
-            ce = torch.nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), targets.masked_fill(~valid, 0).reshape(-1), reduction="none"
+def resolve_checkpoint(value, output_dir: str | os.PathLike, *, require_complete: bool = True) -> str | None:
+    """A ``resume_from_checkpoint`` value as the checkpoint directory to resume from, or None.
+
+    None/False/``"false"``/``"none"``/``""``: None (a fresh start).  True/``"true"``/``"last"``: the
+    last *complete* checkpoint (with its ``checkpoint_complete.json``) in ``output_dir``.  A path:
+    checked to be a directory and, with ``require_complete``, to carry the completion marker.
+    Raises :class:`~emo_trainer.errors.CheckpointError` with the fix in the message.  The CLI calls
+    it before loading any data or model (a wrong path fails in a second); ``ObjectiveTrainer.train``
+    calls it too, for library users.
+    """
+    if value is None or value is False or str(value).lower() in ("false", "none", ""):
+        return None
+    if value is True or str(value).lower() in ("true", "last"):
+        found = last_complete_checkpoint(output_dir)
+        if found is None:
+            raise CheckpointError(
+                f"--resume_from_checkpoint true: no complete checkpoint in {output_dir} (nothing to resume); "
+                f"start without --resume_from_checkpoint or point it at a checkpoint-N folder"
             )
-            total += float((ce * valid.reshape(-1)).sum())
-            count += int(valid.sum())
-    return total / max(count, 1), count
+        return found
+    path = Path(value)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume_from_checkpoint: {path} is not a directory (expected .../checkpoint-N)")
+    if require_complete and not (path / COMPLETE_MARKER).exists():
+        raise CheckpointError(
+            f"--resume_from_checkpoint: {path} is incomplete (no {COMPLETE_MARKER}: the run died while writing it); "
+            f"use an earlier checkpoint, or --resume_from_checkpoint true for the last complete one"
+        )
+    return str(path)

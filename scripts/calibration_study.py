@@ -252,11 +252,11 @@ def evaluate_model(args, name: str, model_dir: str, out: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from emo_trainer.objectives.sequencematch.backspace import backspace_token_id
     from emo_trainer.evaluation import aggregate_seeds
     from emo_trainer.evaluation.generation import generate_continuations
     from emo_trainer.evaluation.metrics.mauve import compute_mauve, featurize
     from emo_trainer.evaluation.metrics.repetition import repetition_metrics
+    from emo_trainer.objectives.sequencematch.backspace import backspace_token_id
 
     cfg = eval_config(args)
     prompts = prompts_of(args)

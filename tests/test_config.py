@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from emo_trainer.config import ConfigError, load_config
-from emo_trainer.objectives import registry
 
 BASE = """
 model:
@@ -101,9 +100,3 @@ def test_unknown_section(tmp_path):
     p.write_text(BASE + "\nmodle: {}\n")
     with pytest.raises(ConfigError, match="unknown section 'modle'.*did you mean model"):
         load_config(p)
-
-
-def test_planned_objective_is_not_a_silent_fallback(base_yaml, monkeypatch):
-    monkeypatch.setattr(registry, "PLANNED", {"future"})
-    with pytest.raises(ConfigError, match="objective 'future' is not implemented yet"):
-        load_config(base_yaml, ["--objective", "future"])

@@ -24,7 +24,16 @@ _LAZY = {
     "build_generation_callback": ".callback",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "EvalConfig",
+    "GenerationEvalCallback",
+    "Prompt",
+    "aggregate_seeds",
+    "build_generation_callback",
+    "build_prompts",
+    "generate_continuations",
+    "sample_continuations",
+]
 
 
 def __getattr__(name):

@@ -7,18 +7,10 @@ Usable without the Trainer::
     out = obj(logits, labels, num_items_in_batch=None)   # out.loss, out.metrics
 """
 
+# Importing the modules registers the objectives.
+from . import emo, mile, mixce, mle, sequencematch  # noqa: E402,F401
 from .base import IGNORE_INDEX, Objective, ObjectiveOutput, reduce_loss, shift_labels
 from .registry import ObjectiveError, available, get_objective, objective_class, objective_options, register
-
-# Importing the modules registers the objectives.
-from . import mle  # noqa: E402,F401
-
-for _optional in ("emo", "mixce", "mile", "sequencematch"):
-    try:
-        __import__(f"{__name__}.{_optional}")
-    except ModuleNotFoundError as _e:  # not written yet: stays in registry.PLANNED
-        if _e.name != f"{__name__}.{_optional}":
-            raise
 
 
 def __getattr__(name):

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import Objective, masked_mean
 from ..ops.fused import self_costs, softmax_stats
-from .registry import register
+from .base import Objective, masked_mean
+from .registry import ObjectiveError, register
 
 #: Epsilon of the row L2-normalisation of the cost embedding (a zero row stays zero).
 NORMALISE_EPS = 1e-8
@@ -52,7 +52,7 @@ def normalise_rows(weight: torch.Tensor) -> torch.Tensor:
 def _output_embedding(model: torch.nn.Module) -> torch.Tensor:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or getattr(head, "weight", None) is None:
-        raise ValueError(
+        raise ObjectiveError(
             f"EMO needs the model's output embedding (lm_head) but {type(model).__name__} has none; "
             "pass the cost embedding as a tensor or as a path to a model with an lm_head"
         )
@@ -76,7 +76,7 @@ def full_weight(weight: torch.Tensor) -> torch.Tensor:
         with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
             return weight.detach().clone()
     if weight.dim() != 2 or weight.numel() == 0:
-        raise ValueError(
+        raise ObjectiveError(
             f"EMO cannot read the lm_head weight: it is sharded (local shape {tuple(weight.shape)}), e.g. by FSDP1 "
             "flat parameters. Use FSDP2 (fsdp_version: 2, configs/accelerate/fsdp.yaml), or a cost embedding "
             "read before sharding ('initial') or from a path"
@@ -104,15 +104,15 @@ def load_output_embedding(path: str) -> torch.Tensor:
 
             tensors = load_file(path)
             if len(tensors) != 1:
-                raise ValueError(
+                raise ObjectiveError(
                     f"EMO cost embedding file {path} holds {len(tensors)} tensors; expected exactly one (V×d_c)"
                 )
             return next(iter(tensors.values())).float()
         weight = torch.load(path, map_location="cpu", weights_only=True)
         if not torch.is_tensor(weight) or weight.dim() != 2:
-            raise ValueError(f"EMO cost embedding file {path} must hold one 2-D tensor (V×d_c)")
+            raise ObjectiveError(f"EMO cost embedding file {path} must hold one 2-D tensor (V×d_c)")
         return weight.float()
-    raise ValueError(
+    raise ObjectiveError(
         f"EMO cost_embedding '{path}' is neither 'initial', 'live' nor an existing local model "
         "directory or tensor file (the Hugging Face Hub is not queried: download the model first, "
         "e.g. with `hf download <id> --local-dir DIR`, and pass DIR)"
@@ -171,13 +171,13 @@ class EmoObjective(Objective):
     ) -> None:
         super().__init__()
         if int(mode) != mode or int(mode) not in (1, 2):
-            raise ValueError(f"EMO mode must be 1 or 2, got {mode!r}")
+            raise ObjectiveError(f"EMO mode must be 1 or 2, got {mode!r}")
         if ratio_cap is not None and not (ratio_cap > 0 and math.isfinite(ratio_cap)):
-            raise ValueError(f"EMO ratio_cap must be a positive number or None (uncapped), got {ratio_cap!r}")
+            raise ObjectiveError(f"EMO ratio_cap must be a positive number or None (uncapped), got {ratio_cap!r}")
         if not (eps >= MIN_RATIO_EPS and math.isfinite(eps)):
-            raise ValueError(f"EMO eps must be at least {MIN_RATIO_EPS} (NaN in bf16 otherwise), got {eps!r}")
+            raise ObjectiveError(f"EMO eps must be at least {MIN_RATIO_EPS} (NaN in bf16 otherwise), got {eps!r}")
         if transport_dtype not in TRANSPORT_DTYPES:
-            raise ValueError(
+            raise ObjectiveError(
                 f"EMO transport_dtype must be one of {', '.join(TRANSPORT_DTYPES)}, got {transport_dtype!r}"
             )
         self.transport_dtype = transport_dtype
@@ -190,7 +190,7 @@ class EmoObjective(Objective):
         self._transport_cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # dtype → (Ê, self-cost)
         if torch.is_tensor(cost_embedding):
             if cost_embedding.dim() != 2:
-                raise ValueError(f"EMO cost_embedding tensor must be 2-D (V×d_c), got shape {tuple(cost_embedding.shape)}")
+                raise ObjectiveError(f"EMO cost_embedding tensor must be 2-D (V×d_c), got shape {tuple(cost_embedding.shape)}")
             self.source = "tensor"
             self._set_cost(normalise_rows(cost_embedding))
         else:
@@ -222,7 +222,7 @@ class EmoObjective(Objective):
             cache = self._cost_cache = self._cost.to(device=logits.device, dtype=dtype)
             self._transport_cache = {}
         if cache.shape[0] != logits.shape[-1]:
-            raise ValueError(
+            raise ObjectiveError(
                 f"EMO cost embedding has {cache.shape[0]} rows but the logits have {logits.shape[-1]} "
                 "vocabulary entries; use a cost embedding from a model with the same vocabulary "
                 "(or cost_embedding='initial' / 'live')"
@@ -251,7 +251,7 @@ class EmoObjective(Objective):
             else:
                 self._set_cost(normalise_rows(load_output_embedding(self.source)))
         if self._cost.shape[0] != vocab:
-            raise ValueError(
+            raise ObjectiveError(
                 f"EMO cost embedding has {self._cost.shape[0]} rows but the model's output layer has {vocab} "
                 f"(cost_embedding={self.source!r}); use a cost embedding from a model with the same "
                 "vocabulary, or cost_embedding='initial' / 'live'"

@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from .base import Objective, masked_mean
 from ..ops.fused import softmax_stats
+from .base import Objective, masked_mean
 from .registry import register
 
 SIGMA = 1.0

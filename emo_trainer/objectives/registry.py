@@ -5,16 +5,11 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from ..errors import ObjectiveError
 from .base import Objective
 
 _REGISTRY: dict[str, type[Objective]] = {}
 
-#: Objectives the project plans but that are not importable yet (clear error, never a fallback).
-PLANNED: set[str] = {"emo", "mixce", "mile", "sequencematch"}
-
-
-class ObjectiveError(ValueError):
-    """Unknown objective or bad objective option."""
 
 
 def register(cls: type[Objective]) -> type[Objective]:
@@ -22,7 +17,6 @@ def register(cls: type[Objective]) -> type[Objective]:
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no `name`")
     _REGISTRY[cls.name] = cls
-    PLANNED.discard(cls.name)
     return cls
 
 
@@ -32,12 +26,10 @@ def available() -> list[str]:
 
 
 def objective_class(name: str) -> type[Objective]:
-    """The class registered as ``name``; a clear error for unknown or not-yet-implemented names."""
+    """The class registered as ``name``; a clear error for unknown names."""
     key = str(name).lower()
     if key in _REGISTRY:
         return _REGISTRY[key]
-    if key in PLANNED:
-        raise ObjectiveError(f"objective '{name}' is not implemented yet; available: {', '.join(available())}")
     raise ObjectiveError(f"unknown objective '{name}'; choose one of: {', '.join(available())}")
 
 

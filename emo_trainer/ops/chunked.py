@@ -12,14 +12,13 @@ full-logit path (tested to 1e-5 in fp32).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..objectives.base import IGNORE_INDEX, Objective, ObjectiveOutput, shift_labels
-from .fused import GEMM_ALIGN, pad_rows, row_stats_cache
+from .fused import GEMM_ALIGN, no_autocast, pad_rows, row_stats_cache
 
 DEFAULT_CHUNK_SIZE = 2048
 
@@ -33,13 +32,6 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     except (TypeError, RuntimeError):  # device types without autocast support
         pass
     return torch.promote_types(hidden.dtype, weight.dtype)
-
-
-def _no_autocast(device: torch.device):
-    try:
-        return torch.autocast(device.type, enabled=False) if torch.is_autocast_enabled(device.type) else nullcontext()
-    except (TypeError, RuntimeError):
-        return nullcontext()
 
 
 #: the head's rows are padded with zeros to a multiple of this for the chunk matmuls (odd
@@ -79,7 +71,7 @@ class _ChunkedStats(torch.autograd.Function):
         outs = {name: hidden.new_empty((n, *shape), dtype=torch.float32) for name, shape in zip(names, shapes)}
         row_stats = []  # per chunk: the fused statistics' row vectors, replayed in backward
         vocab = weight.shape[0]
-        with torch.no_grad(), _no_autocast(hidden.device):
+        with torch.no_grad(), no_autocast(hidden.device):
             w, b = _padded_head(weight, bias, mm_dtype)
             for start in range(0, n, chunk_size):
                 sl = slice(start, min(start + chunk_size, n))
@@ -109,7 +101,7 @@ class _ChunkedStats(torch.autograd.Function):
             return (grad_h,) + (None,) * 8
         mm_dtype = ctx.mm_dtype
         n, vocab = hidden.shape[0], weight.shape[0]
-        with _no_autocast(hidden.device):
+        with no_autocast(hidden.device):
             w, b = _padded_head(weight, bias, mm_dtype)
             rows = w.shape[0]
             # fp32 accumulators for the sums over chunks (the parameters may be bf16), padded like W
@@ -177,7 +169,7 @@ def chunked_token_stats(
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     pos_extras = pos_extras or {}
     mm_dtype = _matmul_dtype(hidden, weight)
-    with torch.no_grad(), _no_autocast(hidden.device):  # one row, to learn the statistics' names and shapes
+    with torch.no_grad(), no_autocast(hidden.device):  # one row, to learn the statistics' names and shapes
         # computed in the weight's dtype (no copy of W), handed over in the chunks' dtype, so the
         # objective sees the same logits dtype as in the chunks (EMO caches per dtype)
         row = F.linear(hidden[:1].to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))

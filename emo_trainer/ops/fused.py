@@ -86,7 +86,10 @@ def _blocks(n: int, vocab: int, block_elements: int):
         yield slice(start, min(start + rows, n))
 
 
-def _no_autocast(device: torch.device):
+def no_autocast(device: torch.device):
+    """A context that turns an ambient autocast off on ``device`` (a no-op when none is on).
+
+    The statistics (here, in the chunked path and in SequenceMatch) are fp32 math by design."""
     # The statistics are fp32 math by design: an ambient autocast must not turn the
     # transport product (or anything else) into bf16 behind our back.
     kind = device.type
@@ -108,7 +111,7 @@ class _SoftmaxStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements):
-        with _no_autocast(logits.device):
+        with no_autocast(logits.device):
             return _SoftmaxStats._forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements)
 
     @staticmethod
@@ -179,7 +182,7 @@ class _SoftmaxStats(torch.autograd.Function):
         if not ctx.needs_input_grad[0] or (g_ce is None and g_entropy is None and g_demd is None):
             return (None,) * 6
         device = next(g.device for g in (g_ce, g_entropy, g_demd) if g is not None)
-        with _no_autocast(device):
+        with no_autocast(device):
             return _SoftmaxStats._backward(ctx, g_ce, g_entropy, g_demd)
 
     @staticmethod

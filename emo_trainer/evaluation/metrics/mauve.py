@@ -33,6 +33,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from ...errors import MauveSampleError
+
 __all__ = [
     "MIN_SAMPLES",
     "RECOMMENDED_SAMPLES",
@@ -52,8 +54,6 @@ MIN_SAMPLES = 50
 RECOMMENDED_SAMPLES = 500
 
 
-class MauveSampleError(ValueError):
-    """Too few texts for a meaningful MAUVE score."""
 
 
 @runtime_checkable

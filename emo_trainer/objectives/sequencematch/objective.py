@@ -62,19 +62,19 @@ batch), ``sm_lambda``, ``sm_mix``.
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 
-from .attention import sdpa_without_cudnn
-from .backspace import BACKSPACE_TOKEN, add_backspace_token, backspace_token_id, strip_backspace_logits, unwrap_model
-from .sampler import check_custom_mask_support, sample_continuations_with_backspace
-from .tree import NoiseSampler, augment_batch, collate_tapes, model_tape, pack_tapes
-from .replay import ReplayBuffer, data_prefixes, sample_trajectories
+from ...ops.fused import no_autocast
 from ..base import IGNORE_INDEX, Objective, masked_mean
 from ..mle import MleObjective
 from ..registry import ObjectiveError, register
+from .attention import sdpa_without_cudnn
+from .backspace import BACKSPACE_TOKEN, add_backspace_token, backspace_token_id, strip_backspace_logits, unwrap_model
+from .replay import ReplayBuffer, data_prefixes, sample_trajectories
+from .sampler import check_custom_mask_support, sample_continuations_with_backspace
+from .tree import NoiseSampler, augment_batch, collate_tapes, model_tape, pack_tapes
 
 logger = logging.getLogger(__name__)
 
@@ -511,15 +511,6 @@ def _row_blocks(n: int, vocab: int, block_elements: int):
         yield slice(start, min(start + rows, n))
 
 
-def _no_autocast(device: torch.device):
-    # fp32 math by design: an ambient autocast must not run any of it in bf16.
-    try:
-        on = torch.is_autocast_enabled(device.type)
-    except (TypeError, RuntimeError):  # device types without autocast support
-        return nullcontext()
-    return torch.autocast(device.type, enabled=False) if on else nullcontext()
-
-
 def _max_without(z: torch.Tensor, bk: int) -> torch.Tensor:
     """Row max over every column but ``bk`` (one read of the block, two strided slices)."""
     if bk <= 0:
@@ -566,7 +557,7 @@ class _PolicyStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, actions, bk_allowed, bk, block_elements):
-        with _no_autocast(logits.device):
+        with no_autocast(logits.device):
             n, vocab = logits.shape
             ct = _compute_dtype(logits.dtype)
             # Per-row work once for all rows; the loop keeps only the N×V passes (3 ops a block).
@@ -597,7 +588,7 @@ class _PolicyStats(torch.autograd.Function):
         if not ctx.needs_input_grad[0] or (g_ce is None and g_v is None and g_q is None):
             return (None,) * 6
         logits = ctx.saved_tensors[0]
-        with _no_autocast(logits.device):
+        with no_autocast(logits.device):
             return _PolicyStats._backward(ctx, g_ce, g_v, g_q)
 
     @staticmethod

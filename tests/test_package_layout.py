@@ -1,0 +1,53 @@
+"""The package layout of issue 16: user errors share one base class, and the old module paths of
+moved modules still import (the same module object, with a DeprecationWarning)."""
+
+import importlib
+import subprocess
+import sys
+import warnings
+
+from emo_trainer.errors import CheckpointError, ConfigError, DataError, MauveSampleError, ObjectiveError, UserError
+
+
+def test_user_errors_share_one_base_and_stay_importable_where_they_were():
+    from emo_trainer.config import ConfigError as config_error
+    from emo_trainer.data import DataError as data_error
+    from emo_trainer.evaluation.metrics.mauve import MauveSampleError as mauve_error
+    from emo_trainer.objectives import ObjectiveError as objective_error
+
+    assert (config_error, data_error, mauve_error, objective_error) == (ConfigError, DataError, MauveSampleError,
+                                                                        ObjectiveError)
+    for cls in (ConfigError, DataError, ObjectiveError, CheckpointError, MauveSampleError):
+        assert issubclass(cls, UserError) and issubclass(cls, ValueError)
+
+
+def test_old_module_paths_import_the_moved_module():
+    # a fresh interpreter: each warning fires on the first import only
+    code = """
+import importlib, warnings
+from emo_trainer._compat import MOVED
+for old, new in sorted(MOVED.items()):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        a = importlib.import_module(old)
+    assert a is importlib.import_module(new), (old, a)
+    assert any(issubclass(x.category, DeprecationWarning) and new in str(x.message) for x in w), (old, w)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_old_submodule_path_of_a_moved_package_is_the_same_module():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old = importlib.import_module("emo_trainer.metrics.repetition")
+        from emo_trainer.objectives import triton_stats  # attribute of the old package: the moved module
+    assert old is importlib.import_module("emo_trainer.evaluation.metrics.repetition")
+    assert triton_stats is importlib.import_module("emo_trainer.ops.triton_stats")
+
+
+def test_public_api_is_unchanged():
+    from emo_trainer import ObjectiveTrainer, get_objective, load_config  # noqa: F401
+    from emo_trainer.objectives import available, chunked_objective_loss  # noqa: F401
+    from emo_trainer.objectives.sequencematch import SequenceMatchObjective  # noqa: F401
+
+    assert available() == ["emo", "mile", "mixce", "mle", "sequencematch"]
