@@ -10,8 +10,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from accelerate import PartialState
 from eval_helpers import documents, tiny_gpt2, tiny_tokenizer
 
-from emo_trainer.evaluation.config import EvalConfig
 from emo_trainer.evaluation import GenerationEvalCallback
+from emo_trainer.evaluation.config import EvalConfig
 from emo_trainer.evaluation.generation import generate_continuations
 from emo_trainer.evaluation.metrics.mauve import HashingFeaturizer, featurize
 from emo_trainer.evaluation.prompts import build_prompts

@@ -13,8 +13,8 @@ import torch
 from conftest import make_tiny_gpt2
 from transformers import TrainingArguments
 
-from emo_trainer.objectives.sequencematch import attention
 from emo_trainer.objectives import get_objective
+from emo_trainer.objectives.sequencematch import attention
 
 
 def _cudnn_allowed() -> bool:
@@ -39,8 +39,8 @@ def test_default_objectives_choose_nothing():
 
 
 def test_sequencematch_forward_and_sampler_run_without_cudnn(tmp_path, tiny_tokenizer, monkeypatch):
-    from emo_trainer.objectives.sequencematch.backspace import add_backspace_token
     from emo_trainer.data import CausalLMCollator
+    from emo_trainer.objectives.sequencematch.backspace import add_backspace_token
     from emo_trainer.trainer import ObjectiveTrainer
 
     model = make_tiny_gpt2(vocab_size=300)

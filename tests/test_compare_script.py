@@ -1,6 +1,6 @@
-"""scripts/compare.py on synthetic run directories: merged eval events, PNG, Markdown table."""
+"""scripts/compare.py (emo_trainer.evaluation.compare) on synthetic run directories: merged eval
+events, PNG, Markdown table."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,10 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("compare_script", ROOT / "scripts" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from emo_trainer.evaluation import compare
+
+    return compare
 
 
 def _history(scale: float, seeds: bool) -> list[dict]:

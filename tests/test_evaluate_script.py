@@ -1,6 +1,6 @@
-"""scripts/evaluate.py on tiny local checkpoints and local text/jsonl files (offline)."""
+"""scripts/evaluate.py (emo_trainer.evaluation.evaluate_cli) and the checkpoint helpers of
+emo_trainer.evaluation.checkpoints on tiny local checkpoints and local text/jsonl files (offline)."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -18,10 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from emo_trainer.evaluation import evaluate_cli
+
+    return evaluate_cli
 
 
 @pytest.fixture(scope="module")
@@ -194,11 +193,11 @@ def test_sequencematch_perplexity_as_in_training(setup, sm_ckpt, tmp_path, caplo
 def test_sequencematch_generation_uses_the_backspace_sampler(setup, sm_ckpt, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from emo_trainer.objectives.sequencematch.sampler import sample_continuations_with_backspace
     from emo_trainer.evaluation.config import EvalConfig
     from emo_trainer.evaluation.generation import generate_continuations, sample_continuations
     from emo_trainer.evaluation.metrics.repetition import repetition_metrics
     from emo_trainer.evaluation.prompts import build_prompts
+    from emo_trainer.objectives.sequencematch.sampler import sample_continuations_with_backspace
 
     ckpt, _ = sm_ckpt
     flags = ["--eval-files", str(setup / "eval.txt"), "--no-perplexity", "--num-prompts", "20", "--max-new-tokens",
@@ -229,8 +228,8 @@ def _no_model_loading(script, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("a user error must be reported before any model or data is loaded")
 
-    monkeypatch.setattr(script, "_load_model", fail)
-    monkeypatch.setattr(script, "_read_files", fail)
+    monkeypatch.setattr(script, "load_checkpoint", fail)
+    monkeypatch.setattr(script, "read_documents", fail)
 
 
 FIX_FEATURIZER = ("pass --featurizer with a local model directory, or --featurizer hashing (offline n-gram "
@@ -362,3 +361,42 @@ def test_error_from_the_command_line_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         (f"error: checkpoint {tmp_path / 'runs/nope/final'}: no such directory; pass a run's final/ or checkpoint-N/ "
         "folder")]
+
+
+# --------------------------------------------------------------------------- the library functions
+
+
+def test_load_checkpoint_and_sequencematch_detection(setup, sm_ckpt):
+    from emo_trainer.errors import CheckpointError
+    from emo_trainer.evaluation.checkpoints import backspace_id, is_sequencematch_checkpoint, load_checkpoint
+
+    ckpt, bk = sm_ckpt
+    model, tok = load_checkpoint(ckpt, device="cpu")
+    assert not model.training and len(tok) == bk + 1 and tok.pad_token is not None
+    # from the directory (config.json, nothing loaded), from the loaded model, from the tokenizer alone
+    assert backspace_id(ckpt) == backspace_id(model) == bk and is_sequencematch_checkpoint(str(ckpt))
+    model.config.backspace_token_id = None
+    assert backspace_id(model) is None and backspace_id(model, tok) == bk
+    assert not is_sequencematch_checkpoint(setup / "ckpt0")
+    assert not is_sequencematch_checkpoint(load_checkpoint(setup / "ckpt0", device="cpu")[0])
+    with pytest.raises(CheckpointError, match="no such directory"):
+        load_checkpoint(setup / "nope")
+
+
+def test_document_perplexity_matches_a_manual_computation(setup, sm_ckpt):
+    from emo_trainer.evaluation.checkpoints import document_perplexity, load_checkpoint, read_documents
+
+    docs = read_documents([setup / "eval.txt"])
+    assert docs == _eval_documents(setup)
+    model, tok = load_checkpoint(setup / "ckpt0", device="cpu")
+    r = document_perplexity(model, tok, docs, block_size=32)
+    assert r["perplexity"] == pytest.approx(_manual_perplexity(setup / "ckpt0", docs), rel=1e-5)
+    assert r["num_tokens"] == r["num_blocks"] * 31 and r["block_size"] == 32
+    assert document_perplexity(model, tok, docs, block_size=32, max_blocks=2)["num_blocks"] == 2
+    # a SequenceMatch model: the <bkspc> column is masked by default ("auto"), not with backspace=None
+    ckpt, bk = sm_ckpt
+    model, tok = load_checkpoint(ckpt, device="cpu")
+    masked = document_perplexity(model, tok, docs, block_size=32)["perplexity"]
+    assert masked == pytest.approx(_manual_perplexity(ckpt, docs, column_mask=bk), rel=1e-5)
+    full = document_perplexity(model, tok, docs, block_size=32, backspace=None)["perplexity"]
+    assert full == pytest.approx(_manual_perplexity(ckpt, docs), rel=1e-5)

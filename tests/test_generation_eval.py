@@ -12,8 +12,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from eval_helpers import documents, tiny_gpt2, tiny_tokenizer
 
-from emo_trainer.evaluation.config import EvalConfig
 from emo_trainer.evaluation import GenerationEvalCallback, aggregate_seeds, build_generation_callback
+from emo_trainer.evaluation.config import EvalConfig
 from emo_trainer.evaluation.generation import generate_continuations, sample_continuations
 from emo_trainer.evaluation.metrics.mauve import MauveSampleError
 from emo_trainer.evaluation.prompts import build_prompts

@@ -292,13 +292,7 @@ def test_lab_smoke(tmp_path):
 
 
 def test_script_parser_builds_the_grid():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "known_p_lab.py"
-    spec = importlib.util.spec_from_file_location("known_p_lab", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from emo_trainer.known_p import cli as mod
     args = mod.make_parser().parse_args(["--families", "bigram", "--vocab-sizes", "20", "--seeds", "0",
                                          "--objectives", "mixce", "--etas", "0", "1", "--steps", "7"])
     config = mod.build_config(args)
@@ -332,13 +326,7 @@ def test_trainer_path_and_checkpoint_evaluation(tmp_path):
 def test_script_user_errors_are_one_line(tmp_path, capsys):
     """A misspelt objective is refused (it was silently dropped); --evaluate checks its folders and
     that the model speaks the dataset's language."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "known_p_lab.py"
-    spec = importlib.util.spec_from_file_location("known_p_lab", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from emo_trainer.known_p import cli as mod
 
     def err(argv):
         assert mod.main(argv) == 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,10 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _merge_script():
-    spec = importlib.util.spec_from_file_location("merge_lora_script", ROOT / "scripts" / "merge_lora.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from emo_trainer import lora
+
+    return lora
 
 
 @pytest.fixture

@@ -14,11 +14,11 @@ import torch
 from conftest import make_tiny_gpt2
 from transformers import TrainingArguments
 
-from emo_trainer.objectives.sequencematch.backspace import add_backspace_token
 from emo_trainer.cli import main
 from emo_trainer.data import CausalLMCollator
 from emo_trainer.objectives import available, get_objective
 from emo_trainer.objectives.emo import EmoObjective
+from emo_trainer.objectives.sequencematch.backspace import add_backspace_token
 from emo_trainer.trainer import NonFiniteLossError, ObjectiveTrainer
 
 BF16_STEPS = 20

@@ -145,9 +145,9 @@ def test_bf16_model_gives_finite_loss_and_gradients():
 def test_a_direct_call_after_a_trainer_was_built_still_applies_alpha(tmp_path):
     """ObjectiveTrainer defers α only inside its training_step: calling the objective directly
     (a callback, a user script) gives the full MiLe loss."""
+    from conftest import make_tiny_gpt2
     from transformers import TrainingArguments
 
-    from conftest import make_tiny_gpt2
     from emo_trainer.trainer import ObjectiveTrainer
 
     obj = get_objective("mile", gamma=2.0)

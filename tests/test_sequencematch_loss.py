@@ -19,8 +19,8 @@ import math
 import pytest
 import torch
 
-from emo_trainer.objectives.sequencematch.tree import collate_tapes, data_tapes, model_tape
 from emo_trainer.objectives import chunked_objective_loss, get_objective
+from emo_trainer.objectives.sequencematch.tree import collate_tapes, data_tapes, model_tape
 
 V = 40
 BK = 39

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from emo_trainer.objectives.sequencematch.tree import NoiseSampler, data_tapes
 from emo_trainer.objectives import ObjectiveError, get_objective, objective_options
 from emo_trainer.objectives.sequencematch.replay import ModelTrajectory, ReplayBuffer
+from emo_trainer.objectives.sequencematch.tree import NoiseSampler, data_tapes
 
 V = 64
 BK = 63

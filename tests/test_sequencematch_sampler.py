@@ -122,9 +122,9 @@ def test_length_stop_eos_stop_and_greedy_padding_invariance():
 def test_text_helpers(tiny_tokenizer, tmp_path):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+    from emo_trainer.evaluation.config import EvalConfig
     from emo_trainer.objectives.sequencematch.backspace import add_backspace_token
     from emo_trainer.objectives.sequencematch.sampler import generate_text, sample_continuations_with_backspace
-    from emo_trainer.evaluation.config import EvalConfig
 
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
     tok = AutoTokenizer.from_pretrained(tmp_path / "tok")

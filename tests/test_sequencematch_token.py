@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from emo_trainer.objectives import get_objective
 from emo_trainer.objectives.sequencematch.backspace import (
     BACKSPACE_TOKEN,
     add_backspace_token,
@@ -14,7 +15,6 @@ from emo_trainer.objectives.sequencematch.backspace import (
     backspace_token_id,
     strip_backspace_logits,
 )
-from emo_trainer.objectives import get_objective
 
 
 @pytest.fixture
