@@ -1,7 +1,7 @@
 """Training cost of one SequenceMatch step versus one MLE step (CPU or GPU), same model and batch.
 
-    python scripts/bench_sequencematch.py                       # defaults: a small GPT-2, V = 8192
-    python scripts/bench_sequencematch.py --vocab 50258 --layers 4 --embd 256 --batch 8 --seq 128
+    python benchmarks/bench_sequencematch.py                       # defaults: a small GPT-2, V = 8192
+    python benchmarks/bench_sequencematch.py --vocab 50258 --layers 4 --embd 256 --batch 8 --seq 128
 
 A step = split_batch + forward + loss + backward + AdamW step, timed after warm-up steps.
 Modes:
@@ -111,6 +111,3 @@ def main(argv=None):
         ratio = f"  x{med / base:.2f} MLE" if base else ""
         print(f"{mode:>13}: {1000 * med:8.1f} ms/step (median of {len(ts)}; min {1000 * min(ts):.1f}){ratio}")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,12 +1,11 @@
-#!/usr/bin/env python
 """Time one generation evaluation (the work GenerationEvalCallback does at every eval step).
 
     # quickstart-sized: a trained quickstart checkpoint (or --fresh quickstart), 500 prompts
-    python scripts/bench_eval.py --model runs/quickstart/final --documents builtin:quickstart \\
+    python benchmarks/bench_eval.py --model runs/quickstart/final --documents builtin:quickstart \\
         --prompt-words 8 --continuation-words 24 --max-new-tokens 32 --featurizer hashing
     # GPT-2-small size (124M, random weights: the timing does not depend on them), WikiText prompts
-    python scripts/bench_eval.py --fresh gpt2-small --tokenizer ../shared/data/gpt2-tokenizer \\
-        --documents ../shared/data/wikitext-2-raw/wiki.valid.raw --featurizer /models/gpt2-large
+    python benchmarks/bench_eval.py --fresh gpt2-small --tokenizer /path/to/gpt2-tokenizer \\
+        --documents /path/to/wikitext-2-raw/wiki.valid.raw --featurizer /models/gpt2-large
 
 Runs the evaluation twice: the first includes loading the featurizer and featurizing the
 reference texts (cached afterwards), the second is what every later evaluation costs. Prints a
@@ -24,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -117,7 +115,7 @@ def _model(args):
                             bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     else:
         if not args.tokenizer:
-            raise SystemExit(f"--fresh {args.fresh} needs --tokenizer (e.g. ../shared/data/gpt2-tokenizer)")
+            raise SystemExit(f"--fresh {args.fresh} needs --tokenizer (e.g. /path/to/gpt2-tokenizer)")
         tok = AutoTokenizer.from_pretrained(args.tokenizer)
         if args.fresh == "gpt2-small":
             # GPT-2 small: 12 layers, 768 wide, 1024 positions
@@ -144,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
-    from emo_trainer.evaluation.config import EvalConfig
     from emo_trainer.evaluation import build_generation_callback
+    from emo_trainer.evaluation.config import EvalConfig
     from emo_trainer.evaluation.generation import generate_continuations
     from emo_trainer.evaluation.metrics.mauve import get_featurizer
     from emo_trainer.evaluation.metrics.repetition import mean_length, repetition_metrics
@@ -193,6 +191,3 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in result.items() if k != "evaluations"}))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,10 +29,10 @@ Shapes:
 
 Examples::
 
-    python scripts/benchmark.py --shape cpu --out bench/cpu
-    python scripts/benchmark.py --shape gpt2 --reference-emo --liger --torch-lce --out bench/gpt2
-    python scripts/benchmark.py --shape gpt2 --compile --objectives mle emo --out bench/gpt2-compile
-    python scripts/benchmark.py --shape large-vocab --max-batch --out bench/large-vocab
+    python benchmarks/benchmark.py --shape cpu --out bench/cpu
+    python benchmarks/benchmark.py --shape gpt2 --reference-emo --liger --torch-lce --out bench/gpt2
+    python benchmarks/benchmark.py --shape gpt2 --compile --objectives mle emo --out bench/gpt2-compile
+    python benchmarks/benchmark.py --shape large-vocab --max-batch --out bench/large-vocab
 """
 
 from __future__ import annotations
@@ -568,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         "precision": f"{shape['autocast']} autocast, fp32 weights" if shape["autocast"] else "fp32",
         "compile": args.compile, "steps": steps, "warmup": warmup, "device": device_name(device),
         "device_type": device.type, "versions": versions(),
-        "command": "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": "python benchmarks/benchmark.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     md = render_markdown(meta, results, sweep)
@@ -582,6 +582,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out / 'benchmark.md'} and {out / 'benchmark.json'}", file=sys.stderr)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,9 +3,9 @@
 # (docs/performance.md, docs/distributed.md "Pending"), in groups that each fit one ~10-minute
 # call.  Results go to $OUT (default /tmp/gpu-checks); each group writes its own folder.
 #
-#   bash scripts/gpu_checks.sh perf       # SequenceMatch and EMO after the last unmeasured fixes (~4 min)
-#   bash scripts/gpu_checks.sh kernels    # the Triton kernels on CUDA (tests/test_triton_cuda.py, ~1 min)
-#   bash scripts/gpu_checks.sh numerics   # bf16 and fp16, every objective, 400 quickstart steps (~8 min)
+#   bash benchmarks/gpu_checks.sh perf       # SequenceMatch and EMO after the last unmeasured fixes (~4 min)
+#   bash benchmarks/gpu_checks.sh kernels    # the Triton kernels on CUDA (tests/test_triton_cuda.py, ~1 min)
+#   bash benchmarks/gpu_checks.sh numerics   # bf16 and fp16, every objective, 400 quickstart steps (~8 min)
 #
 # What to look for is printed at the end of each group.
 set -euo pipefail
@@ -22,10 +22,10 @@ case "$group" in
 perf)
     # GPT-2 B8×T1024 bf16: SequenceMatch with SDPA kept off cuDNN and rows padded to 8 nodes;
     # EMO with padded transport operands.  The profile shows whether cuDNN attention is gone.
-    python scripts/benchmark.py --shape gpt2 --objectives sequencematch sequencematch+sampling emo mle \
+    python benchmarks/benchmark.py --shape gpt2 --objectives sequencematch sequencematch+sampling emo mle \
         --profile --out "$OUT/perf/gpt2" 2>&1 | tee "$OUT/perf/gpt2.log"
     # V = 128256: chunked EMO with its transport matrix cached per dtype (was rebuilt every step).
-    python scripts/benchmark.py --shape large-vocab --objectives mle emo \
+    python benchmarks/benchmark.py --shape large-vocab --objectives mle emo \
         --out "$OUT/perf/large-vocab" 2>&1 | tee "$OUT/perf/large-vocab.log"
     grep -c "_cudnn_attention" "$OUT"/perf/gpt2/profile-sequencematch*.txt 2>/dev/null || true  # counts per file: want 0
     echo "Look for: sequencematch/full ≤ 1.25× builtin; no _cudnn_attention rows in its profile;"
