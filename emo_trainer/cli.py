@@ -18,10 +18,10 @@ from pathlib import Path
 
 from .config import ConfigError, ExperimentConfig, build_objective, load_config
 from .errors import UserError
+from .runs import CONFIG_FILENAME
 
 logger = logging.getLogger("emo_trainer")
 
-CONFIG_FILENAME = "emo_trainer_config.yaml"
 
 
 def make_parser() -> argparse.ArgumentParser:

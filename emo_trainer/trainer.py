@@ -3,7 +3,7 @@
 What it adds to the stock Trainer:
 
 - ``compute_loss`` dispatches to the objective (full logits or the chunked hidden-state path)
-  and reduces by ``num_items_in_batch`` exactly as ``objectives.md`` prescribes, so gradient
+  and reduces by ``num_items_in_batch`` exactly as ``docs/objectives.md`` prescribes, so gradient
   accumulation of k micro-batches equals one k-times larger batch, and n processes equal one
   process with an n-times larger batch.
 - The objective's diagnostics (e.g. ``demd``, ``alpha``) are averaged over the logging window

@@ -1,4 +1,4 @@
-"""Float64 reference losses written from the spec formulas (objectives.md), plus test helpers.
+"""Float64 reference losses written from the spec formulas (docs/objectives.md), plus test helpers.
 
 Independent of ``emo_trainer.objectives``: the references shift by slicing (the
 production code pads the labels), compute log-probabilities by hand, and EMO builds the

@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
-
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Generation metrics at every evaluation, as a ``TrainerCallback`` (``shared/spec/evaluation.md``).
+"""Generation metrics at every evaluation, as a ``TrainerCallback`` (``docs/evaluation.md``).
 
 :class:`GenerationEvalCallback` works on :class:`~emo_trainer.trainer.ObjectiveTrainer` (which
 installs it from the ``eval:`` config) and on a stock ``transformers.Trainer`` or a TRL trainer
@@ -90,8 +90,8 @@ class GenerationEvalCallback(TrainerCallback):
     """Sampled-continuation metrics (MAUVE, repetition, diversity) and token-weighted perplexity per evaluation.
 
     Args:
-        prompts: :class:`~emo_trainer.prompts.Prompt` pairs (prefix, reference continuation),
-            e.g. from :func:`~emo_trainer.prompts.build_prompts`.
+        prompts: :class:`~emo_trainer.evaluation.prompts.Prompt` pairs (prefix, reference continuation),
+            e.g. from :func:`~emo_trainer.evaluation.prompts.build_prompts`.
         eval_config: the ``eval:`` options (defaults: :class:`EvalConfig`).
         tokenizer: used for generation; defaults to the trainer's ``processing_class``.
         trainer: the trainer, so the metrics are logged through ``trainer.log`` (all loggers).
@@ -100,9 +100,9 @@ class GenerationEvalCallback(TrainerCallback):
         compute_perplexity: compute ``<prefix>_perplexity`` = exp(Σ NLL / Σ tokens) with one pass
             over the eval dataloader, unless the trainer already reported it (ObjectiveTrainer
             does). A stock ``Trainer``'s ``eval_loss`` is a mean of batch means, not this.
-        sampler: replaces :func:`~emo_trainer.generation.sample_continuations` (e.g. a
+        sampler: replaces :func:`~emo_trainer.evaluation.generation.sample_continuations` (e.g. a
             backspace-aware sampler); same signature.
-        featurizer: a ready :class:`~emo_trainer.metrics.mauve.Featurizer`, instead of building
+        featurizer: a ready :class:`~emo_trainer.evaluation.metrics.mauve.Featurizer`, instead of building
             one from ``eval_config.mauve_featurizer``.
         perplexity_vocab_size: restrict the perplexity softmax to the first N logits (a model
             with extra actions beyond the vocabulary, e.g. SequenceMatch's backspace).

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass
 class EvalConfig:
-    """Generation-based evaluation, as in ``shared/spec/evaluation.md``.
+    """Generation-based evaluation, as in ``docs/evaluation.md``.
 
     Perplexity (plain CE, token-weighted) is always computed; these keys control the
     sampled continuations and the metrics on them.

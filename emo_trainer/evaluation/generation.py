@@ -1,4 +1,4 @@
-"""Batched sampling of continuations for evaluation (``evaluation.md``, "Open-ended generation").
+"""Batched sampling of continuations for evaluation (``docs/evaluation.md``, "Protocol").
 
 :func:`generate_continuations` is the entry point. It
 

@@ -1,4 +1,4 @@
-"""Eval prompts for open-ended generation, built from raw eval-split documents (``evaluation.md``).
+"""Eval prompts for open-ended generation, built from raw eval-split documents (``docs/evaluation.md``).
 
 For each document, in order: drop empty lines and heading lines (WikiText ``= Title =`` /
 ``= = Section = =``, Markdown ``# Title``), join what is left with single spaces, split on

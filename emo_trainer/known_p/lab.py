@@ -78,7 +78,7 @@ def default_objective_specs(etas: tuple[float, ...] = DEFAULT_ETAS, sequencematc
     """MLE, MixCE over ``etas``, EMO, MiLe, SequenceMatch offline and with sampling.
 
     EMO uses the ``live`` cost embedding: training starts from random weights, where the
-    ``initial`` (frozen) cost would be a random matrix (objectives.md, EMO pitfalls).
+    ``initial`` (frozen) cost would be a random matrix (docs/objectives.md, EMO pitfalls).
     """
     specs = [ObjectiveSpec("MLE", "mle")]
     specs += [ObjectiveSpec(f"MixCE η={eta:g}", "mixce", {"eta": float(eta)}) for eta in etas]

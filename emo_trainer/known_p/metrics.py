@@ -19,7 +19,7 @@ context (row) with true next-token distribution ``p`` and model distribution ``q
 
 Model distributions are over the model's vocabulary.  Columns beyond the language's
 ``V + 3`` tokens (SequenceMatch's ``<bkspc>``) are dropped and q renormalised, as
-``evaluation.md`` does for perplexity; the ``<bos>``/``<pad>`` columns stay and count as
+``docs/evaluation.md`` does for perplexity; the ``<bos>``/``<pad>`` columns stay and count as
 impossible mass.
 
 Rows (contexts) are ``<bos>`` (the start distribution) and the ``V`` words; ``<eos>`` is

@@ -13,7 +13,7 @@ An objective is split in two so that the same formula serves both loss paths
    diagnostics.  It never sees logits.
 
 ``Objective.__call__`` then divides that sum by the number of target tokens,
-exactly as ``objectives.md`` ("Reduction and gradient accumulation") says:
+exactly as ``docs/objectives.md`` ("Reduction and gradient accumulation") says:
 
     loss = Σ_valid ℓ_i / num_items_in_batch × (world size when averaging across devices)
 
@@ -248,7 +248,7 @@ def reduce_loss(
     num_items_in_batch: int | torch.Tensor | None,
     average_tokens_across_devices: bool = False,
 ) -> torch.Tensor:
-    """Normalise a summed loss the way ``objectives.md`` prescribes.
+    """Normalise a summed loss the way ``docs/objectives.md`` prescribes.
 
     With ``num_items_in_batch`` (valid targets of all micro-batches of the optimizer step,
     summed over ranks when averaging across devices) the result is

@@ -147,7 +147,7 @@ class EmoObjective(Objective):
             not depend on q_i[y_i] (see ``fused.py``), so bf16 products give D to about 1e-2
             relative — the precision of the bf16 logits themselves.  In IEEE fp32 on an H100
             the two products alone cost ~25 ms per GPT-2 step (docs/performance.md).
-            ``auto`` is a deliberate exception to objectives.md's "all loss math in fp32" for
+            ``auto`` is a deliberate exception to docs/objectives.md's "all loss math in fp32" for
             these two products only (on a bf16 model; fp32 models get fp32): ``"float32"``
             follows the letter of the spec.  Measured D error against float64 on the same bf16
             logits (V = 512, random Ê): ``auto`` 4.8e-4 max / 6.6e-5 mean relative,

@@ -10,7 +10,7 @@ Tokens the model is uncertain about (high entropy) get more weight; γ = 0 is ex
 Data parallelism: when ``torch.distributed`` is initialised, n_valid and Σ w_i are summed
 over ranks (one all-reduce) before α is formed, so α = Σ_r n_r / Σ_r W_r is the normaliser of
 the global batch and 2 processes give exactly the loss of 1 process with the doubled batch
-(the equality objectives.md's reduction section requires; tested).  objectives.md §4 and the
+(the equality docs/objectives.md's reduction section requires; tested).  The
 authors instead average α itself over ranks, mean_r(n_r / W_r); the two agree only when every
 rank has the same mean weight W_r / n_r (e.g. n = 10 on both ranks with W = 20 and 30: mean
 0.417 vs 0.400).  We chose the global ratio for the exact equality.  Every rank must therefore

@@ -3,7 +3,7 @@
 Each is a set of plain functions (``repetition``, ``mauve``, ``perplexity``) and an ``evaluate``
 module wrapping them (``modules/<name>.py``), usable offline::
 
-    from emo_trainer import metrics
+    from emo_trainer.evaluation import metrics
     rep = metrics.load("repetition")                 # an evaluate.EvaluationModule
     evaluate.load(metrics.module_path("mauve"))      # the same through evaluate's own loader
     evaluate.combine([metrics.load("repetition"), metrics.load("mauve")])

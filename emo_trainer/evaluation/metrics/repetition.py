@@ -1,4 +1,4 @@
-"""Repetition and diversity of generated texts, on whitespace tokens (``shared/spec/evaluation.md``).
+"""Repetition and diversity of generated texts, on whitespace tokens (``docs/evaluation.md``).
 
     rep-n       = 1 − Σ_texts |distinct n-grams of the text| / Σ_texts |n-grams of the text|   (n = 2, 3, 4)
     diversity   = Π_{n=2..4} (1 − rep-n)                                  (Su et al. 2022, SimCTG)

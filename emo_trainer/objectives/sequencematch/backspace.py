@@ -133,7 +133,7 @@ def _init_backspace_row(model: torch.nn.Module, tid: int) -> None:
 def strip_backspace_logits(logits: torch.Tensor, backspace_id: int | None) -> torch.Tensor:
     """Logits of the original vocabulary: the backspace column set to −inf (a copy).
 
-    This is how perplexity of a SequenceMatch model is defined here (evaluation.md): plain CE on
+    This is how perplexity of a SequenceMatch model is defined here (docs/evaluation.md): plain CE on
     clean text over the original vocabulary, the backspace action excluded from the normaliser
     (softmax renormalised over the other columns).  Shapes and token ids are unchanged, so the
     result goes straight into ``F.cross_entropy``.  ``backspace_id=None`` returns ``logits``.

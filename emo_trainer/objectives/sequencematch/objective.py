@@ -15,7 +15,7 @@ Logits are soft Q-values over the actions = vocabulary + ``<bkspc>``.  For an ag
 
 with data trajectories 𝒟 (backspace-augmented text) and model trajectories ℳ (sampled by the
 current model into a replay buffer).  There is no public reference code; the formulation
-follows objectives.md §5 (the paper's χ²-mixture / IQ-Learn–LS-IQ lineage).  Choices made here:
+follows docs/objectives.md §5 (the paper's χ²-mixture / IQ-Learn–LS-IQ lineage).  Choices made here:
 
 * **Normalisation.**  Each expectation is a self-normalised occupancy estimate: E_𝒟 sums are
   divided by Σ w over the batch's data actions, E_ℳ sums by Σ w over its model actions — per
@@ -46,11 +46,11 @@ follows objectives.md §5 (the paper's χ²-mixture / IQ-Learn–LS-IQ lineage).
 * **MLE part.**  Plain CE (softmax over all columns, ``<bkspc>`` included) of the clean data
   tokens: identical to the ``mle`` objective on the un-augmented batch, which is what the
   warm-up trains and what ``mix: 0`` reproduces.
-* **Backspace augmentation.**  See :mod:`emo_trainer.backspace_tree`: the wrong token is
+* **Backspace augmentation.**  See :mod:`emo_trainer.objectives.sequencematch.tree`: the wrong token is
   environment noise (no term at all), the ``<bkspc>`` after it is a data action.
 * **Evaluation.**  Perplexity is over the original vocabulary: :meth:`eval_logits_transform`
   sets the ``<bkspc>`` column to −∞ before plain CE; generation uses
-  :func:`emo_trainer.backspace_generation.sample_continuations_with_backspace`.
+  :func:`emo_trainer.objectives.sequencematch.sampler.sample_continuations_with_backspace`.
 
 Diagnostics: ``ce``, ``sm_loss`` (L_SM), ``sm_v`` (mean V over data states), ``sm_reward_data`` /
 ``sm_reward_model`` (mean implicit reward), ``sm_bk_rate_data`` / ``sm_bk_rate_samples``
@@ -245,7 +245,7 @@ class SequenceMatchObjective(Objective):
 
     # ------------------------------------------------------------------ hooks
     #: The evaluation sampler for models trained with this objective (the ``Sampler`` protocol of
-    #: :mod:`emo_trainer.generation`): backspace enabled, final text with deletions applied.
+    #: :mod:`emo_trainer.evaluation.generation`): backspace enabled, final text with deletions applied.
     generation_sampler = staticmethod(sample_continuations_with_backspace)
 
     def forward_context(self):
@@ -348,7 +348,7 @@ class SequenceMatchObjective(Objective):
         replay buffer — refilled first from this batch's prefixes when due or empty — appended
         as extra rows flagged as ℳ (several per row with ``pack_samples``).  Returns
         ``(model_inputs, loss_inputs)`` as documented in
-        :func:`emo_trainer.backspace_tree.collate_tapes`: ``input_ids``, ``position_ids`` = depth
+        :func:`emo_trainer.objectives.sequencematch.tree.collate_tapes`: ``input_ids``, ``position_ids`` = depth
         and a (B', 1, T', T') additive ancestor mask for the model; ``labels`` (clean targets
         only) and the ``sm_*`` tensors for the loss.
         """

@@ -2,10 +2,10 @@
 
 The χ²-mixture objective needs states visited by the current policy (ℳ).  Every
 ``sample_every`` optimizer steps the objective samples continuations of data prefixes with the
-current model (backspace enabled, see :mod:`emo_trainer.backspace_generation`) and pushes them
+current model (backspace enabled, see :mod:`emo_trainer.objectives.sequencematch.sampler`) and pushes them
 here; each training micro-batch then draws trajectories uniformly from the buffer.  The buffer
 is FIFO: when full, the oldest trajectories leave first.  Stale samples are allowed — the
-objective holds for any occupancy (objectives.md §5) — and their age (optimizer steps since
+objective holds for any occupancy (docs/objectives.md §5) — and their age (optimizer steps since
 they were sampled) is logged.
 
 Under ``accelerate``/DDP every process owns its buffer and samples from the prefixes of its own

@@ -309,7 +309,7 @@ def generate_text(
 @torch.no_grad()
 def sample_continuations_with_backspace(model: Any, tokenizer: Any, prompts: Sequence[str], config: Any, *, seed: int = 0) -> list[str]:
     """Evaluation sampler for SequenceMatch models (the ``Sampler`` protocol of
-    :mod:`emo_trainer.generation`): like ``sample_continuations`` — prompts tokenized as the
+    :mod:`emo_trainer.evaluation.generation`): like ``sample_continuations`` — prompts tokenized as the
     tokenizer does by default, left-truncated to fit the context, left padding, batches of
     ``config.batch_size``, ``config`` temperature/top-k/top-p — but with the backspace action
     enabled; returns the decoded final text (deletions applied, special tokens skipped).

@@ -21,7 +21,7 @@ be the state of several actions (type ``x``, delete it, type ``y`` from the same
 objective gathers ``Q = z[state][action]`` through a small per-node table of action ids
 (``sm_actions``, shape (B, T, K)) rather than through shifted labels.
 
-Data augmentation (objectives.md §5): before each data action, with probability
+Data augmentation (docs/objectives.md §5): before each data action, with probability
 ``noise_rate``, a wrong token ``w`` is inserted and then deleted.  ``w`` is environment noise:
 it is on the tape (its state is needed for the ``<bkspc>`` that follows) but it is not an
 action of the trajectory.  The ``<bkspc>`` is a data action from the noisy state back to the
