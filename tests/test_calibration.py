@@ -113,36 +113,79 @@ def test_detokenize_option(tmp_path):
 def test_study_resumes_only_with_its_own_settings(tmp_path):
     """scripts/calibration_study.py caches each model's eval.json: a re-run with other settings
     (which would mix models made differently) is refused; other --objectives may be added."""
-    import importlib.util
+    from emo_trainer import study
 
-    spec = importlib.util.spec_from_file_location("calibration_study", ROOT / "scripts/calibration_study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
     parse = study.make_parser().parse_args
     out = tmp_path / "study"
     out.mkdir()
-    base = ["--output-dir", str(out), "--sentences", "200", "--objectives", "none", "mle"]
+    files = ["--model", "m", "--train-file", "t", "--valid-file", "v", "--test-file", "x"]
+    base = ["--output-dir", str(out), *files, "--sentences", "200", "--objectives", "none", "mle"]
     assert study.check_settings(parse(base), out) is None
     assert (out / "study_settings.json").is_file()
     assert study.check_settings(parse([*base, "emo", "--jobs", "2"]), out) is None  # more objectives, more jobs
-    problem = study.check_settings(parse([*base[:3], "150", "--learning-rate", "1e-4"]), out)
+    problem = study.check_settings(parse([*base[:11], "150", "--learning-rate", "1e-4"]), out)
     assert "--sentences 200 → 150" in problem and "--learning-rate 5e-05 → 0.0001" in problem
 
 
 def test_study_validation_text_is_detokenized_like_training(tmp_path):
-    import importlib.util
-
+    from emo_trainer import study
     from emo_trainer.data import detokenize_wikitext
 
-    spec = importlib.util.spec_from_file_location("calibration_study", ROOT / "scripts/calibration_study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    files = ["--model", "m", "--train-file", "t", "--test-file", "x", "--output-dir", str(tmp_path)]
     raw = tmp_path / "valid.raw"
     raw.write_text(" = Title = \n The well @-@ known song , \" Hey \" , was 1 @,@ 000 years old . \n")
-    args = study.make_parser().parse_args(["--valid-file", str(raw)])
+    args = study.make_parser().parse_args([*files, "--valid-file", str(raw)])
     path = study.validation_file(args, tmp_path, write=True)
     want = [detokenize_wikitext(x) for x in raw.read_text().splitlines()]
     assert path.read_text().splitlines() == want and "well-known" in want[1]
-    assert f"--data.validation_files=[{path}]" in study.calibration_overrides(args, "mle", tmp_path)
-    off = study.make_parser().parse_args(["--valid-file", str(raw), "--detokenize", "none"])
+    assert f"--data.validation_files=[{path}]" in study.calibration_overrides(args, study.parse_row("mle"), tmp_path)
+    off = study.make_parser().parse_args([*files, "--valid-file", str(raw), "--detokenize", "none"])
     assert study.validation_file(off, tmp_path) == raw
+
+
+def test_fresh_study_runs_end_to_end(corpus, tmp_path):
+    """A new --output-dir (no validation.txt, nothing cached) runs the whole study: calibration set,
+    two calibrated rows (one a named variant with its own override) + the base, evaluation, reports.
+    The first study command on a fresh directory once stopped with "validation_files: file not found"."""
+    import json
+    import random
+
+    from emo_trainer import study
+
+    _, base = corpus
+    rng = random.Random(0)
+    words = "the game was made by a team that wanted the story to be more forgiving than before".split()
+    (tmp_path / "wiki.test.raw").write_text(
+        "\n".join(" ".join(rng.choice(words) for _ in range(12)) + " ." for _ in range(55)) + "\n")
+    out = tmp_path / "fresh-study"
+    argv = ["--output-dir", str(out), "--model", str(base), "--train-file", str(tmp_path / "wiki.train.tokens"),
+            "--valid-file", str(tmp_path / "wiki.valid.raw"), "--test-file", str(tmp_path / "wiki.test.raw"),
+            "--objectives", "none", "mle", "mle-lr1e-3=mle:training.learning_rate=1e-3",
+            "--sentences", "8", "--block-size", "16", "--batch-size", "2", "--num-prompts", "50",
+            "--prompt-words", "4", "--continuation-words", "4", "--max-new-tokens", "4", "--seeds", "0",
+            "--gen-batch-size", "25", "--mauve-kmeans-num-redo", "1", "--set", "training.use_cpu=true"]
+    assert study.main(argv) == 0
+    assert (out / "validation.txt").is_file() and (out / "calibration_set.txt").is_file()
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["checkpoints"]) == ["no calibration", "MLE", "mle-lr1e-3"] and not results["missing"]
+    for row in results["checkpoints"].values():
+        assert row["perplexity"] > 1 and 0 < row["mauve"] <= 1 and row["mauve_num_samples"] == 50
+    lr = [json.loads((out / n / "emo_trainer_config.yaml").read_text().split("learning_rate:")[1].split()[0])
+          for n in ("mle", "mle-lr1e-3")]
+    assert lr == [5e-5, 1e-3], "a row's override reaches its run only"
+    assert results["checkpoints"]["MLE"]["perplexity"] != results["checkpoints"]["mle-lr1e-3"]["perplexity"]
+    # a re-run resumes: nothing is recomputed
+    stamp = (out / "mle" / "eval.json").stat().st_mtime_ns
+    assert study.main(argv) == 0 and (out / "mle" / "eval.json").stat().st_mtime_ns == stamp
+
+
+def test_study_rows_parse_and_reject_bad_specs():
+    from emo_trainer import study
+
+    assert study.parse_row("emo") == study.Row("emo", "emo")
+    assert study.parse_row("emo-m1=emo:emo.mode=1,emo.ratio_cap=3") == study.Row(
+        "emo-m1", "emo", ("emo.mode=1", "emo.ratio_cap=3"))
+    assert study.parse_row("emo:emo.mode=1").name == "emo_emo.mode-1"
+    for bad in ("emo:mode", "=emo:", "none:x=1", "a/b=mle"):
+        with pytest.raises(ValueError, match="--objectives"):
+            study.parse_row(bad)
