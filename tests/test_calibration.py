@@ -186,6 +186,6 @@ def test_study_rows_parse_and_reject_bad_specs():
     assert study.parse_row("emo-m1=emo:emo.mode=1,emo.ratio_cap=3") == study.Row(
         "emo-m1", "emo", ("emo.mode=1", "emo.ratio_cap=3"))
     assert study.parse_row("emo:emo.mode=1").name == "emo_emo.mode-1"
-    for bad in ("emo:mode", "=emo:", "none:x=1", "a/b=mle"):
+    for bad in ("emo:mode", ":emo.mode=1", "none:x=1", "a/b=mle"):
         with pytest.raises(ValueError, match="--objectives"):
             study.parse_row(bad)
