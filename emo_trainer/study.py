@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -84,11 +85,15 @@ def make_parser() -> argparse.ArgumentParser:
                    help="extra config overrides for every calibration run (e.g. emo.mode=1 bf16=true)")
     # evaluation
     p.add_argument("--featurizer", default=None, help="MAUVE featurizer (default: --model, frozen)")
-    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="the first N test documents with --prompt-words + --continuation-words words (default: all)")
     p.add_argument("--prompt-words", type=int, default=20)
     p.add_argument("--continuation-words", type=int, default=80)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="sampling seeds")
+    p.add_argument("--decodings", nargs="*", default=["top_p=0.95"], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="decoding settings besides pure sampling, each logged under its name (eval.decodings); "
+                        "default: top_p=0.95; none: --decodings with no value")
     p.add_argument("--gen-batch-size", type=int, default=64)
     p.add_argument("--ppl-blocks", type=int, default=None, help="first N packed test blocks (default: all)")
     p.add_argument("--mauve-kmeans-num-redo", type=int, default=5)
@@ -117,11 +122,24 @@ def eval_config(args):
     from emo_trainer.eval_config import EvalConfig
 
     return EvalConfig(
-        num_prompts=args.num_prompts, prompt_words=args.prompt_words, continuation_words=args.continuation_words,
+        num_prompts=len(prompts_of(args)), prompt_words=args.prompt_words, continuation_words=args.continuation_words,
         max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size, seeds=tuple(args.seeds),
         mauve_featurizer=args.featurizer or args.model, mauve_kmeans_num_redo=args.mauve_kmeans_num_redo,
-        mauve_device="cpu" if not _cuda() else "auto",
+        mauve_device="cpu" if not _cuda() else "auto", decodings=tuple(parse_decoding(d) for d in args.decodings),
     )
+
+
+def parse_decoding(spec: str) -> dict:
+    """``top_p=0.95`` or ``name=nucleus,top_p=0.95`` → an ``eval.decodings`` entry."""
+    from emo_trainer.config import cli_value
+
+    out = {}
+    for part in spec.split(","):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--decodings {spec!r}: write KEY=VALUE[,KEY=VALUE], e.g. top_p=0.95")
+        out[key.strip()] = cli_value(["eval", "decodings", key.strip()], value.strip())
+    return out
 
 
 def _cuda() -> bool:
@@ -130,10 +148,19 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def prompts_of(args):
+@functools.lru_cache(maxsize=4)
+def _prompts(test_file: str, detokenize: str, no_detokenize_test: bool, prompt_words: int, continuation_words: int,
+             num_prompts: int | None):
     from emo_trainer.prompts import build_prompts
 
-    return build_prompts(test_documents(args), args.prompt_words, args.continuation_words, args.num_prompts)
+    args = argparse.Namespace(test_file=test_file, detokenize=detokenize, no_detokenize_test=no_detokenize_test)
+    return tuple(build_prompts(test_documents(args), prompt_words, continuation_words, num_prompts))
+
+
+def prompts_of(args):
+    """The evaluation prompts: every test document with enough words (or the first ``--num-prompts``)."""
+    return list(_prompts(args.test_file, args.detokenize, args.no_detokenize_test, args.prompt_words,
+                         args.continuation_words, args.num_prompts))
 
 
 def featurizer_of(args):
@@ -297,26 +324,25 @@ def perplexity(model, tokenizer, documents, block_size: int, max_blocks: int | N
 
 
 def evaluate_model(args, name: str, model_dir: str, out: Path) -> dict:
-    """Perplexity + per-seed generation metrics of one model; samples kept in <name>/samples.jsonl."""
+    """Perplexity + per-seed generation metrics of one model, for every decoding setting, through the
+    evaluation callback's own code (:class:`~emo_trainer.evaluation.GenerationEvalCallback`); the
+    samples are kept in ``<name>/samples.jsonl``."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from emo_trainer.backspace import backspace_token_id
-    from emo_trainer.evaluation import aggregate_seeds
-    from emo_trainer.generation import generate_continuations
-    from emo_trainer.metrics.mauve import compute_mauve, featurize
-    from emo_trainer.metrics.repetition import repetition_metrics
+    from emo_trainer.evaluation import GenerationEvalCallback, aggregate_seeds
 
     cfg = eval_config(args)
     prompts = prompts_of(args)
-    ref = np.load(out / "reference_features.npy")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if _cuda():
         model = model.cuda()
+    model.eval()
     bk = backspace_token_id(tokenizer)
     sampler, vocab = None, None
     if bk is not None:  # SequenceMatch: backspace-aware sampling, perplexity over the original vocabulary
@@ -326,24 +352,25 @@ def evaluate_model(args, name: str, model_dir: str, out: Path) -> dict:
     t0 = time.perf_counter()
     result = perplexity(model, tokenizer, test_documents(args), args.block_size, args.ppl_blocks, vocab)
     result["perplexity_runtime"] = round(time.perf_counter() - t0, 1)
-    feat = featurizer_of(args)
-    per_seed, samples = [], {}
+    callback = GenerationEvalCallback(prompts, cfg, tokenizer, compute_perplexity=False, sampler=sampler,
+                                      featurizer=featurizer_of(args),
+                                      reference_features=np.load(out / "reference_features.npy"))
     t0 = time.perf_counter()
-    for seed in cfg.seeds:
-        texts = generate_continuations(model, tokenizer, [p.prefix for p in prompts], cfg, seed=seed, sampler=sampler)
-        m = repetition_metrics(texts)
-        q = featurize(feat, [p.with_continuation(t) for p, t in zip(prompts, texts)])
-        m.update(compute_mauve(ref, q, scaling_factor=cfg.mauve_scaling_factor, kmeans_seed=cfg.mauve_kmeans_seed,
-                               kmeans_num_redo=cfg.mauve_kmeans_num_redo, kmeans_max_iter=cfg.mauve_kmeans_max_iter))
-        per_seed.append(m)
-        samples[seed] = texts
-        logger.info("%s seed %d: mauve %.4f diversity %.4f", name, seed, m["mauve"], m["diversity"])
+    per_seed = callback.per_seed_metrics(model)
+    for m in per_seed:
+        for k in [k for k in m if k.endswith("mauve_runtime")]:
+            m.pop(k)
     result.update(aggregate_seeds(per_seed))
     result["per_seed"] = per_seed
     result["generation_runtime"] = round(time.perf_counter() - t0, 1)
+    for d in cfg.decoding_settings():
+        logger.info("%s %s: mauve %s", name, d.name or "pure sampling",
+                    " ".join(f"{m[d.key('mauve')]:.4f}" for m in per_seed))
+    texts = callback.last_continuations
     with open(out / name / "samples.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps({"prefix": p.prefix, "reference": p.reference,
-                                 **{f"seed{s}": samples[s][i] for s in cfg.seeds}}) + "\n" for i, p in enumerate(prompts))
+                                  **{f"{d or 'pure'}/seed{s}": t[i] for (d, s), t in texts.items()}}) + "\n"
+                      for i, p in enumerate(prompts))
     return result
 
 
@@ -389,7 +416,10 @@ def run_one(args, row: Row) -> dict:
     out = Path(args.output_dir)
     res_path = out / row.name / "eval.json"
     if res_path.is_file():
-        return json.loads(res_path.read_text())
+        cached = json.loads(res_path.read_text())
+        if cached.get("eval_settings") == evaluation_settings(args) or args.stage == "calibrate":
+            return cached
+        logger.info("%s: evaluated with other settings before; evaluating again", row.name)
     if args.threads:
         import torch
 
@@ -401,6 +431,7 @@ def run_one(args, row: Row) -> dict:
     t1 = time.perf_counter()
     info.update(evaluate_model(args, row.name, info["model_dir"], out))
     info["eval_runtime"] = round(time.perf_counter() - t1, 1)
+    info["eval_settings"] = evaluation_settings(args)
     res_path.write_text(json.dumps(info, indent=2))
     return info
 
@@ -416,17 +447,24 @@ def _fmt(v, std=None, digits=4) -> str:
 
 
 def markdown(results: dict) -> str:
+    """One table per decoding setting (pure sampling first), perplexity in each."""
     cols = [("perplexity", "test ppl ↓"), ("mauve", "MAUVE ↑"), ("diversity", "diversity"), ("rep_2", "rep-2"),
             ("rep_3", "rep-3"), ("rep_4", "rep-4"), ("seq_rep_4", "seq-rep-4"), ("distinct_2", "distinct-2"),
             ("mean_length", "words")]
-    lines = ["| model | " + " | ".join(c for _, c in cols) + " |", "|---|" + "---:|" * len(cols)]
-    for name, r in results["checkpoints"].items():
-        cells = [_fmt(r.get(k), r.get(f"{k}_std")) for k, _ in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    ref = results["reference"]
-    cells = ["–", "–"] + [_fmt(ref.get(k)) for k, _ in cols[2:]]
-    lines.append("| human (reference continuations) | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    names = [""] + [d["name"] for d in results["protocol"].get("decodings", [])]
+    parts = []
+    for dec in names:
+        key = (lambda k, dec=dec: k if k == "perplexity" or not dec else f"{dec}_{k}")
+        title = "pure sampling" if not dec else dec
+        lines = [f"**{title}**", "", "| model | " + " | ".join(c for _, c in cols) + " |", "|---|" + "---:|" * len(cols)]
+        for name, r in results["checkpoints"].items():
+            cells = [_fmt(r.get(key(k)), r.get(f"{key(k)}_std")) for k, _ in cols]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        ref = results["reference"]
+        cells = ["–", "–"] + [_fmt(ref.get(k)) for k, _ in cols[2:]]
+        lines.append("| human (reference continuations) | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -494,14 +532,15 @@ def collect(args, out: Path, sizing: dict) -> dict:
     results = {
         "protocol": {"model": args.model, "featurizer": args.featurizer or args.model, "test_file": args.test_file,
                      "detokenized_test": args.detokenize != "none" and not args.no_detokenize_test,
-                     "eval": dataclasses.asdict(eval_config(args)), "num_prompts_built": len(prompts), **sizing},
+                     "eval": dataclasses.asdict(eval_config(args)), "num_prompts_built": len(prompts),
+                     "decodings": [dataclasses.asdict(d) for d in eval_config(args).decoding_settings()[1:]], **sizing},
         "reference": repetition_metrics([p.reference for p in prompts]),
         "checkpoints": {},
         "missing": [],
     }
     for row in rows_of(args):
         path = out / row.name / "eval.json"
-        if path.is_file():
+        if path.is_file() and json.loads(path.read_text()).get("eval_settings") == evaluation_settings(args):
             results["checkpoints"][row.label] = json.loads(path.read_text())
         else:
             results["missing"].append(row.name)
@@ -543,11 +582,23 @@ def sizing_of(args, num_sentences: int) -> dict:
 _EXECUTION_ARGS = ("objectives", "output_dir", "jobs", "threads", "docs_dir", "report_only", "stage")
 
 
+#: Arguments that make the calibrated models: a study directory is never resumed with other values.
+_CALIBRATION_ARGS = ("config", "model", "train_file", "valid_file", "detokenize", "sentences", "learning_rate",
+                     "block_size", "batch_size", "seed", "set")
+
+
+def evaluation_settings(args) -> dict:
+    """The arguments that change an evaluation (not a calibration): a model evaluated with other
+    values is evaluated again, its calibration kept."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in _EXECUTION_ARGS and k not in _CALIBRATION_ARGS}
+
+
 def check_settings(args, out: Path) -> str | None:
-    """A study directory is resumed only with the settings it was made with (``study_settings.json``):
-    models cached in ``<name>/eval.json`` would otherwise be mixed with ones made differently.
+    """A study directory is resumed only with the calibration settings it was made with
+    (``study_settings.json``): models made differently would otherwise be mixed.  Evaluation
+    settings may change (each ``eval.json`` records its own; a stale one is redone).
     Returns an error message, or None (and records the settings of a new study)."""
-    settings = {k: v for k, v in sorted(vars(args).items()) if k not in _EXECUTION_ARGS}
+    settings = {k: v for k, v in sorted(vars(args).items()) if k in _CALIBRATION_ARGS}
     path = out / "study_settings.json"
     if path.is_file():
         before = json.loads(path.read_text())

@@ -123,6 +123,7 @@ def test_study_resumes_only_with_its_own_settings(tmp_path):
     assert study.check_settings(parse(base), out) is None
     assert (out / "study_settings.json").is_file()
     assert study.check_settings(parse([*base, "emo", "--jobs", "2"]), out) is None  # more objectives, more jobs
+    assert study.check_settings(parse([*base, "--seeds", "4", "--decodings"]), out) is None  # evaluation only
     problem = study.check_settings(parse([*base[:11], "150", "--learning-rate", "1e-4"]), out)
     assert "--sentences 200 → 150" in problem and "--learning-rate 5e-05 → 0.0001" in problem
 
@@ -170,13 +171,23 @@ def test_fresh_study_runs_end_to_end(corpus, tmp_path):
     assert list(results["checkpoints"]) == ["no calibration", "MLE", "mle-lr1e-3"] and not results["missing"]
     for row in results["checkpoints"].values():
         assert row["perplexity"] > 1 and 0 < row["mauve"] <= 1 and row["mauve_num_samples"] == 50
+        assert 0 < row["top_p0.95_mauve"] <= 1 and "top_p0.95_rep_2" in row  # the second decoding setting
+    assert "**top_p0.95**" in (out / "results.md").read_text()
+    sample = json.loads((out / "mle" / "samples.jsonl").read_text().splitlines()[0])
+    assert {"prefix", "reference", "pure/seed0", "top_p0.95/seed0"} <= set(sample)
     lr = [json.loads((out / n / "emo_trainer_config.yaml").read_text().split("learning_rate:")[1].split()[0])
           for n in ("mle", "mle-lr1e-3")]
     assert lr == [5e-5, 1e-3], "a row's override reaches its run only"
     assert results["checkpoints"]["MLE"]["perplexity"] != results["checkpoints"]["mle-lr1e-3"]["perplexity"]
     # a re-run resumes: nothing is recomputed
     stamp = (out / "mle" / "eval.json").stat().st_mtime_ns
+    model_stamp = (out / "mle" / "final" / "config.json").stat().st_mtime_ns
     assert study.main(argv) == 0 and (out / "mle" / "eval.json").stat().st_mtime_ns == stamp
+    # other evaluation settings: every model is evaluated again, none calibrated again
+    assert study.main([*argv, "--decodings"]) == 0
+    assert (out / "mle" / "eval.json").stat().st_mtime_ns != stamp
+    assert (out / "mle" / "final" / "config.json").stat().st_mtime_ns == model_stamp
+    assert "top_p0.95_mauve" not in json.loads((out / "mle" / "eval.json").read_text())
 
 
 def test_study_rows_parse_and_reject_bad_specs():
