@@ -231,13 +231,15 @@ class GenerationEvalCallback(TrainerCallback):
                 m = repetition_metrics(continuations)
                 if c.mauve:
                     t0 = time.perf_counter()
-                    m.update(self._mauve(continuations))
+                    m.update(self.mauve_metrics(continuations))
                     m["mauve_runtime"] = time.perf_counter() - t0
                 metrics.update({d.key(k): v for k, v in m.items()})
             per_seed.append(metrics)
         return per_seed
 
-    def _mauve(self, continuations: list[str]) -> dict[str, float]:
+    def mauve_metrics(self, continuations: list[str]) -> dict[str, float]:
+        """MAUVE of one continuation per prompt (in prompt order) against the human continuations:
+        ``{"mauve", "mauve_num_samples"}``.  Collective under ``accelerate``, like :meth:`generation_metrics`."""
         c, feat = self.config, self.featurizer
         p = featurize(feat, [x.human_text for x in self.prompts], self._feature_cache)  # featurized once per run
         q = featurize(feat, [x.with_continuation(t) for x, t in zip(self.prompts, continuations)])

@@ -72,8 +72,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="rows of the study: 'none' = the uncalibrated checkpoint; else [NAME=]OBJECTIVE[:KEY=VALUE,...] "
                         "with config overrides for that row only, e.g. emo-m1=emo:emo.mode=1 "
                         "mle-lr2e-5=mle:training.learning_rate=2e-5")
-    p.add_argument("--stage", choices=["all", "calibrate", "evaluate"], default="all",
-                   help="calibrate = train the models only (evaluate later); evaluate = only models already trained")
+    p.add_argument("--stage", choices=["all", "calibrate", "evaluate", "score"], default="all",
+                   help="calibrate = train the models only (evaluate later); evaluate = only models already trained; "
+                        "score = MAUVE of the samples that an evaluation with --no-mauve left")
+    p.add_argument("--no-mauve", action="store_true",
+                   help="evaluate without MAUVE (perplexity, samples, repetition); add it later with --stage score, "
+                        "e.g. on another machine that has mauve-text")
     p.add_argument("--output-dir", required=True, help="the study directory (resumable; one study per directory)")
     # calibration
     p.add_argument("--sentences", type=int, default=25000, help="data.calibration_sentences")
@@ -125,6 +129,7 @@ def eval_config(args):
         num_prompts=len(prompts_of(args)), prompt_words=args.prompt_words, continuation_words=args.continuation_words,
         max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size, seeds=tuple(args.seeds),
         mauve_featurizer=args.featurizer or args.model, mauve_kmeans_num_redo=args.mauve_kmeans_num_redo,
+        mauve=not getattr(args, "no_mauve", False) or args.stage == "score",
         mauve_device="cpu" if not _cuda() else "auto", decodings=tuple(parse_decoding(d) for d in args.decodings),
     )
 
@@ -352,9 +357,10 @@ def evaluate_model(args, name: str, model_dir: str, out: Path) -> dict:
     t0 = time.perf_counter()
     result = perplexity(model, tokenizer, test_documents(args), args.block_size, args.ppl_blocks, vocab)
     result["perplexity_runtime"] = round(time.perf_counter() - t0, 1)
-    callback = GenerationEvalCallback(prompts, cfg, tokenizer, compute_perplexity=False, sampler=sampler,
-                                      featurizer=featurizer_of(args),
-                                      reference_features=np.load(out / "reference_features.npy"))
+    callback = GenerationEvalCallback(
+        prompts, cfg, tokenizer, compute_perplexity=False, sampler=sampler,
+        featurizer=featurizer_of(args) if cfg.mauve else None,
+        reference_features=np.load(out / "reference_features.npy") if cfg.mauve else None)
     t0 = time.perf_counter()
     per_seed = callback.per_seed_metrics(model)
     for m in per_seed:
@@ -364,14 +370,39 @@ def evaluate_model(args, name: str, model_dir: str, out: Path) -> dict:
     result["per_seed"] = per_seed
     result["generation_runtime"] = round(time.perf_counter() - t0, 1)
     for d in cfg.decoding_settings():
-        logger.info("%s %s: mauve %s", name, d.name or "pure sampling",
-                    " ".join(f"{m[d.key('mauve')]:.4f}" for m in per_seed))
+        logger.info("%s %s: mauve %s, rep-2 %s", name, d.name or "pure sampling",
+                    " ".join(f"{m.get(d.key('mauve'), float('nan')):.4f}" for m in per_seed),
+                    " ".join(f"{m[d.key('rep_2')]:.4f}" for m in per_seed))
     texts = callback.last_continuations
     with open(out / name / "samples.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps({"prefix": p.prefix, "reference": p.reference,
                                   **{f"{d or 'pure'}/seed{s}": t[i] for (d, s), t in texts.items()}}) + "\n"
                       for i, p in enumerate(prompts))
     return result
+
+
+def score_model(args, name: str, out: Path) -> dict:
+    """Add MAUVE to an evaluation made with ``--no-mauve``, from its ``samples.jsonl`` (same prompts,
+    same featurizer and reference features as an inline evaluation)."""
+    import numpy as np
+
+    from emo_trainer.evaluation import GenerationEvalCallback, aggregate_seeds
+
+    info = json.loads((out / name / "eval.json").read_text())
+    cfg = eval_config(args)
+    prompts = prompts_of(args)
+    rows = [json.loads(x) for x in (out / name / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    if [r["prefix"] for r in rows] != [p.prefix for p in prompts]:
+        raise ValueError(f"{name}: samples.jsonl was made from other prompts; evaluate it again")
+    callback = GenerationEvalCallback(prompts, cfg, None, compute_perplexity=False, featurizer=featurizer_of(args),
+                                      reference_features=np.load(out / "reference_features.npy"))
+    for seed, m in zip(cfg.seeds, info["per_seed"]):
+        for d in cfg.decoding_settings():
+            texts = [r[f"{d.name or 'pure'}/seed{seed}"] for r in rows]
+            m.update({d.key(k): v for k, v in callback.mauve_metrics(texts).items()})
+    info.update(aggregate_seeds(info["per_seed"]))
+    info.pop("mauve_pending", None)
+    return info
 
 
 def calibrate(args, row: Row) -> dict:
@@ -417,9 +448,15 @@ def run_one(args, row: Row) -> dict:
     res_path = out / row.name / "eval.json"
     if res_path.is_file():
         cached = json.loads(res_path.read_text())
-        if cached.get("eval_settings") == evaluation_settings(args) or args.stage == "calibrate":
+        current = cached.get("eval_settings") == evaluation_settings(args)
+        if current and args.stage == "score" and cached.get("mauve_pending"):
+            res_path.write_text(json.dumps(score_model(args, row.name, out), indent=2))
+            return json.loads(res_path.read_text())
+        if current or args.stage == "calibrate":
             return cached
         logger.info("%s: evaluated with other settings before; evaluating again", row.name)
+    if args.stage == "score":
+        raise FileNotFoundError(f"{row.name}: no evaluation to score in {res_path} (run --stage evaluate --no-mauve first)")
     if args.threads:
         import torch
 
@@ -432,6 +469,8 @@ def run_one(args, row: Row) -> dict:
     info.update(evaluate_model(args, row.name, info["model_dir"], out))
     info["eval_runtime"] = round(time.perf_counter() - t1, 1)
     info["eval_settings"] = evaluation_settings(args)
+    if args.no_mauve:
+        info["mauve_pending"] = True
     res_path.write_text(json.dumps(info, indent=2))
     return info
 
@@ -579,7 +618,7 @@ def sizing_of(args, num_sentences: int) -> dict:
 
 
 #: Arguments that do not change any result: a study may be resumed with other values of these.
-_EXECUTION_ARGS = ("objectives", "output_dir", "jobs", "threads", "docs_dir", "report_only", "stage")
+_EXECUTION_ARGS = ("objectives", "output_dir", "jobs", "threads", "docs_dir", "report_only", "stage", "no_mauve")
 
 
 #: Arguments that make the calibrated models: a study directory is never resumed with other values.
@@ -642,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     validation_file(args, out, write=True)
     sents = build_calibration_set(args, out)
     logger.info("calibration set: %d sentences in %s", len(sents), out / "calibration_set.txt")
-    if args.stage != "calibrate":
+    if args.stage != "calibrate" and not (args.no_mauve and args.stage != "score"):
         prompts = prompts_of(args)
         reference_features(args, out, prompts)
         logger.info("reference features of %d prompts cached in %s", len(prompts), out / "reference_features.npy")

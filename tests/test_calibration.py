@@ -190,6 +190,37 @@ def test_fresh_study_runs_end_to_end(corpus, tmp_path):
     assert "top_p0.95_mauve" not in json.loads((out / "mle" / "eval.json").read_text())
 
 
+def test_study_mauve_later_equals_mauve_inline(corpus, tmp_path):
+    """--no-mauve (e.g. on a GPU machine without mauve-text) then --stage score gives exactly the
+    numbers of an inline evaluation."""
+    import json
+    import random
+
+    from emo_trainer import study
+
+    _, base = corpus
+    rng = random.Random(1)
+    words = "a team wanted the story to be more forgiving than the first game of the series".split()
+    (tmp_path / "test.raw").write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(52)) + "\n")
+
+    def argv(out, *extra):
+        return ["--output-dir", str(tmp_path / out), "--model", str(base), "--train-file", str(tmp_path / "wiki.train.tokens"),
+                "--valid-file", str(tmp_path / "wiki.valid.raw"), "--test-file", str(tmp_path / "test.raw"),
+                "--objectives", "none", "--sentences", "8", "--block-size", "16", "--prompt-words", "4",
+                "--continuation-words", "4", "--max-new-tokens", "3", "--seeds", "0", "1", "--gen-batch-size", "26",
+                "--mauve-kmeans-num-redo", "1", *extra]
+
+    assert study.main(argv("inline")) == 0
+    assert study.main(argv("later", "--no-mauve")) == 0
+    pending = json.loads((tmp_path / "later/none/eval.json").read_text())
+    assert pending["mauve_pending"] and "mauve" not in pending and "top_p0.95_rep_2" in pending
+    assert study.main(argv("later", "--stage", "score")) == 0
+    inline, later = (json.loads((tmp_path / d / "none/eval.json").read_text()) for d in ("inline", "later"))
+    for key in ("mauve", "mauve_std", "top_p0.95_mauve", "rep_2", "perplexity"):
+        assert later[key] == inline[key], key
+    assert "mauve_pending" not in later
+
+
 def test_study_rows_parse_and_reject_bad_specs():
     from emo_trainer import study
 
