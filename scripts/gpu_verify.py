@@ -94,7 +94,7 @@ class Scale:
     model_config: dict = field(default_factory=lambda: dict(FRESH_GPT2))
     bench_shapes: tuple[tuple[str, str, tuple[str, ...]], ...] = ()  # (label, shape, extra args)
     data_lines: int | None = None  # None: whole files
-    jobs: int = 4
+    jobs: int = max(1, min(10, (os.cpu_count() or 4) - 2))  # runs at a time: small models leave the GPU idle
     use_cpu: bool = False
     run_timeout_s: float = 420  # one subprocess (a hung launcher must not eat the call)
 
@@ -655,24 +655,39 @@ def _dist_result(ctx: Ctx, r: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             "command": r["command"], "tail": r["tail"]}
 
 
-def _plain_runs(ctx: Ctx) -> dict[str, dict[str, Any]]:
-    if "plain" not in ctx.cache:
-        jobs = [_dist_run(ctx, "plain", obj, None) for obj in ("mle", "emo")]
+def _dist_runs(ctx: Ctx, name: str) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """(plain, ``name``) runs of MLE and EMO.  The first distributed check starts the plain runs and those of
+    every distributed check selected in this driver run (that can run here) at once: one wave of processes."""
+    if "dist" not in ctx.cache:
+        labels = ["plain"] + [n for n in ctx.cache.get("selected", [name]) if n in _DIST_CONFIGS and _dist_ready(ctx, n)]
+        jobs = [_dist_run(ctx, label, obj, _DIST_CONFIGS.get(label)) for label in labels for obj in ("mle", "emo")]
         res = ctx.run_many([(n, c) for n, c, _ in jobs])
-        ctx.cache["plain"] = {n.rsplit("-", 1)[1]: _dist_result(ctx, res[n], d) for n, _, d in jobs}
-    return ctx.cache["plain"]
+        ctx.cache["dist"] = {}
+        for n, _, d in jobs:
+            label, obj = n[len("dist-"):].rsplit("-", 1)
+            ctx.cache["dist"].setdefault(label, {})[obj] = _dist_result(ctx, res[n], d)
+    return ctx.cache["dist"]["plain"], ctx.cache["dist"][name]
 
 
-def _check_distributed(ctx: Ctx, name: str) -> tuple[bool, dict[str, Any]]:
+def _dist_ready(ctx: Ctx, name: str) -> bool:
+    try:
+        _dist_needs(ctx, name)
+        return True
+    except Skip:
+        return False
+
+
+def _dist_needs(ctx: Ctx, name: str) -> None:
     if name.startswith("deepspeed"):
         _need(ctx, "datasets", "accelerate", "deepspeed", cuda=True)
     else:
         _need(ctx, "datasets", "accelerate")
     _need_data(ctx, "valid", "test")
-    plain = _plain_runs(ctx)
-    jobs = [_dist_run(ctx, name, obj, _DIST_CONFIGS[name]) for obj in ("mle", "emo")]
-    res = ctx.run_many([(n, c) for n, c, _ in jobs])
-    other = {n.rsplit("-", 1)[1]: _dist_result(ctx, res[n], d) for n, _, d in jobs}
+
+
+def _check_distributed(ctx: Ctx, name: str) -> tuple[bool, dict[str, Any]]:
+    _dist_needs(ctx, name)
+    plain, other = _dist_runs(ctx, name)
     ok, d = judge_distributed(plain, other, min_steps=ctx.scale.dist_steps)
     d["commands"] = {obj: other[obj]["command"] for obj in other} | {f"plain-{obj}": plain[obj]["command"] for obj in plain}
     d["failed_logs"] = {obj: other[obj]["tail"] for obj in other if other[obj]["rc"]}
@@ -741,23 +756,24 @@ class Check:
 
 
 CHECKS: list[Check] = [
-    Check("accelerate_launch_emo_gpt2", check_accelerate_launch, 210, 1),
-    Check("deepspeed_zero2", lambda c: _check_distributed(c, "deepspeed_zero2"), 90, 1),  # + 45 s plain runs, once
-    Check("deepspeed_zero3", lambda c: _check_distributed(c, "deepspeed_zero3"), 60, 1),
-    Check("fsdp2", lambda c: _check_distributed(c, "fsdp2"), 50, 1),
-    Check("bf16_numerics_all_objectives", check_bf16_numerics, 270, 2),
-    Check("sequencematch_full_speed", check_sm_speed, 150, 3),
-    Check("benchmark_peers_cce_trl", check_peers, 150, 3),
+    # Estimates: device seconds on an H100, from the step times measured there (docs/performance.md), process
+    # start-ups of ~15 s and the evaluations' sampling; not yet measured end to end.
+    Check("accelerate_launch_emo_gpt2", check_accelerate_launch, 180, 1),
+    Check("deepspeed_zero2", lambda c: _check_distributed(c, "deepspeed_zero2"), 90, 1),  # all 8 runs at once
+    Check("deepspeed_zero3", lambda c: _check_distributed(c, "deepspeed_zero3"), 5, 1),
+    Check("fsdp2", lambda c: _check_distributed(c, "fsdp2"), 5, 1),
+    Check("bf16_numerics_all_objectives", check_bf16_numerics, 150, 2),  # 2 x objectives runs at once
+    Check("sequencematch_full_speed", check_sm_speed, 150, 2),  # the GPT-2 table (with the peers, profiled)
+    Check("benchmark_peers_cce_trl", check_peers, 120, 2),  # + the large-vocabulary table
 ]
 BY_NAME = {c.name: c for c in CHECKS}
 
 #: What each call carries (relative to the repo root) besides the working tree; all under .local-data/gpu15.
 CALL_CARRY = {
     1: ["wheels-base", "wheels-mauve", "wheels-ds", "tokenizer", "wikitext"],
-    2: ["wheels-base", "model", "wikitext"],
-    3: ["wheels-base", "wheels-bench"],
+    2: ["wheels-base", "wheels-bench", "model", "wikitext"],
 }
-SETUP_S = 45  # wheel install, module probe, data copy (per call)
+SETUP_S = 40  # wheel install, module probe, data copy and model unpacking (per call)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -780,6 +796,18 @@ def merge_results(existing: dict[str, Any] | None, new_checks: list[dict[str, An
     commands = list(dict.fromkeys([*(existing or {}).get("commands", []), *meta["commands"]]))
     return {"device": meta["device"], "date": meta["date"], "versions": meta["versions"], "commands": commands,
             "checks": [old[n] for n in order if n in old], "history": history}
+
+
+def merge_files(base: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` (a whole results file) over ``base``: its checks replace base's as in :func:`merge_results`."""
+    if base is None:
+        return new
+    meta = {"device": new["device"], "date": new["date"], "versions": new.get("versions", {}),
+            "commands": new.get("commands", []), "command": (new.get("history") or [{}])[-1].get("command", "")}
+    merged = merge_results(base, new.get("checks", []), meta)
+    seen = {json.dumps(h, sort_keys=True) for h in base.get("history", [])}
+    merged["history"] = base.get("history", []) + [h for h in new.get("history", []) if json.dumps(h, sort_keys=True) not in seen]
+    return merged
 
 
 def _short(v: Any) -> str:
@@ -842,7 +870,7 @@ def list_plan() -> str:
     lines = []
     for call in sorted(CALL_CARRY):
         checks = [c for c in CHECKS if c.call == call]
-        est = SETUP_S + sum(c.estimate_s for c in checks) + (45 if call == 1 else 0)
+        est = SETUP_S + sum(c.estimate_s for c in checks)
         lines.append(f"call {call}: ~{est // 60} min {est % 60:02d} s of device time (+ the machine's start)")
         lines.append("  carry: " + json.dumps([f".local-data/gpu15/{p}" for p in CALL_CARRY[call]]))
         lines.append(f"  command: python3 scripts/gpu_verify.py --call {call} --out \"$OUT\"")
@@ -867,6 +895,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="runs at a time for the multi-run checks (default: 4; dry run 1)")
     p.add_argument("--no-install", action="store_true", help="do not pip-install the carried .local-data/gpu15 wheels")
     p.add_argument("--list", action="store_true", help="print the checks, calls and estimates, and exit")
+    p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                   help="run nothing: merge these results files (in order) into --results (default docs/results/"
+                        "gpu-verification.json) and rewrite its .md; for calls made back to back")
     return p
 
 
@@ -900,6 +931,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print(list_plan())
         return 0
+    if args.merge:
+        target = Path(args.results) if args.results else DOC_RESULTS
+        res = json.loads(target.read_text()) if target.exists() else None
+        for f in args.merge:
+            res = merge_files(res, json.loads(Path(f).read_text()))
+        write_results(res, target)
+        print(f"merged {len(args.merge)} file(s) into {target} and {target.with_suffix('.md')}")
+        return 0
     t_start = time.perf_counter()
     checks = select(args)
     scale = DRY_SCALE if args.dry_run else GPU_SCALE
@@ -917,6 +956,7 @@ def main(argv: list[str] | None = None) -> int:
     if installed:
         sys.path[:0] = [str(SITE)]
     ctx = Ctx(dry_run=args.dry_run, scale=scale, work=work, out=out, env=env)
+    ctx.cache["selected"] = [c.name for c in checks]
     ctx.available = probe_modules(env)
     prepare_inputs(ctx)
     device = ctx.available.get("_cuda") or f"CPU ({platform.machine()}, dry run)"

@@ -173,5 +173,24 @@ def test_every_check_has_a_call_that_fits(gv):
                      "fsdp2", "sequencematch_full_speed", "benchmark_peers_cce_trl"}
     with pytest.raises(SystemExit):
         gv.select(gv.make_parser().parse_args(["--checks", "nope"]))
-    assert [c.name for c in gv.select(gv.make_parser().parse_args(["--call", "3"]))] == [
-        "sequencematch_full_speed", "benchmark_peers_cce_trl"]
+    assert [c.name for c in gv.select(gv.make_parser().parse_args(["--call", "2"]))] == [
+        "bf16_numerics_all_objectives", "sequencematch_full_speed", "benchmark_peers_cce_trl"]
+
+
+def test_merge_files_of_back_to_back_calls(gv, tmp_path):
+    def result(name, date, passed):
+        meta = {"device": "NVIDIA H100", "date": date, "versions": {}, "command": f"call {name}", "commands": [f"c {name}"]}
+        return gv.merge_results(None, [{"name": name, "passed": passed, "status": "ran", "date": date,
+                                        "device": "NVIDIA H100", "details": {}}], meta)
+
+    base = result("fsdp2", "2026-12-01", True)
+    (tmp_path / "a.json").write_text(json.dumps(result("deepspeed_zero2", "2026-12-02", True)))
+    (tmp_path / "b.json").write_text(json.dumps(result("fsdp2", "2026-12-02", False)))
+    target = tmp_path / "gpu-verification.json"
+    target.write_text(json.dumps(base))
+    assert gv.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--results", str(target)]) == 0
+    merged = json.loads(target.read_text())
+    by = {c["name"]: c for c in merged["checks"]}
+    assert by["deepspeed_zero2"]["passed"] and not by["fsdp2"]["passed"] and by["fsdp2"]["date"] == "2026-12-02"
+    assert [h["command"] for h in merged["history"]] == ["call fsdp2", "call deepspeed_zero2", "call fsdp2"]
+    assert target.with_suffix(".md").exists()
