@@ -145,7 +145,9 @@ class Ctx:
             fh.write(f"$ {text}\n")
             fh.flush()
             try:
-                rc = subprocess.run([str(c) for c in cmd], check=False, stdout=fh, stderr=subprocess.STDOUT, env=self.env,
+                # each run its own datasets cache: parallel runs never race on the same cache files
+                env = dict(self.env, HF_DATASETS_CACHE=str(self.work / "hf-datasets" / name))
+                rc = subprocess.run([str(c) for c in cmd], check=False, stdout=fh, stderr=subprocess.STDOUT, env=env,
                                     cwd=cwd or ROOT, timeout=timeout or self.scale.run_timeout_s).returncode
             except subprocess.TimeoutExpired:
                 rc = 124
@@ -411,10 +413,12 @@ def judge_distributed(plain: dict[str, dict[str, Any]], other: dict[str, dict[st
         table[obj] = {"plain_rc": p.get("rc"), "rc": o.get("rc"), "steps_compared": common,
                       "plain_losses": [lp[s] for s in common], "losses": [lo[s] for s in common],
                       "max_relative_diff": round(max(rel), 6) if rel else None,
-                      "warnings": o.get("warnings", [])}
+                      "sharding_seen_in_log": o.get("active"), "warnings": o.get("warnings", [])}
         if p.get("rc") != 0 or o.get("rc") != 0:
             reasons.append(f"{obj}: exit codes plain {p.get('rc')}, this {o.get('rc')}")
             continue
+        if o.get("active") is False:
+            reasons.append(f"{obj}: the log shows no sign that the launcher sharded (a plain run compared with itself?)")
         if not common or max(common) < min_steps:
             reasons.append(f"{obj}: compared steps {common[-1:] or 'none'} < {min_steps}")
         if len(rel) != len(common) or (rel and max(rel) > tol):
@@ -633,6 +637,10 @@ _DIST_CONFIGS = {"deepspeed_zero2": "configs/accelerate/deepspeed_zero2.yaml",
                  "deepspeed_zero3": "configs/accelerate/deepspeed_zero3.yaml",
                  "fsdp2": "configs/accelerate/fsdp.yaml"}
 _WARN_PATTERNS = ("fell back", "falls back", "cost embedding", "cost_embedding", "Traceback", "empty")
+#: Lines that show the launcher really sharded (else a misconfigured launch would compare plain with plain):
+#: ObjectiveTrainer's chunked-path fallback names a sharded head; DeepSpeed logs its engine at start-up.
+_ACTIVE_EVIDENCE = {"fsdp2": ("the head weight is sharded",), "deepspeed_zero3": ("the head weight is sharded",),
+                    "deepspeed_zero2": ("deepspeed info", "deepspeedengine", "zero stage", "zero_optimization")}
 
 
 def _dist_run(ctx: Ctx, label: str, obj: str, config_file: str | None) -> tuple[str, list[str], Path]:
@@ -647,12 +655,15 @@ def _dist_run(ctx: Ctx, label: str, obj: str, config_file: str | None) -> tuple[
     return f"dist-{label}-{obj}", cmd, run_dir
 
 
-def _dist_result(ctx: Ctx, r: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+def _dist_result(ctx: Ctx, r: dict[str, Any], run_dir: Path, label: str) -> dict[str, Any]:
     log = ctx.work / r["log"]
-    warnings_ = [ln.strip()[:200] for ln in log.read_text(errors="replace").splitlines()
-                 if any(p in ln for p in _WARN_PATTERNS)][:8] if log.exists() else []
-    return {"rc": r["rc"], "history": read_history(run_dir), "log": r["log"], "warnings": warnings_,
-            "command": r["command"], "tail": r["tail"]}
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if not ln.startswith("$ ")] if log.exists() else []
+    warnings_ = [ln.strip()[:200] for ln in lines if any(p in ln for p in _WARN_PATTERNS)][:8]
+    out = {"rc": r["rc"], "history": read_history(run_dir), "log": r["log"], "warnings": warnings_,
+           "command": r["command"], "tail": r["tail"]}
+    if label in _ACTIVE_EVIDENCE:
+        out["active"] = any(p.lower() in ln.lower() for ln in lines for p in _ACTIVE_EVIDENCE[label])
+    return out
 
 
 def _dist_runs(ctx: Ctx, name: str) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
@@ -665,7 +676,7 @@ def _dist_runs(ctx: Ctx, name: str) -> tuple[dict[str, dict[str, Any]], dict[str
         ctx.cache["dist"] = {}
         for n, _, d in jobs:
             label, obj = n[len("dist-"):].rsplit("-", 1)
-            ctx.cache["dist"].setdefault(label, {})[obj] = _dist_result(ctx, res[n], d)
+            ctx.cache["dist"].setdefault(label, {})[obj] = _dist_result(ctx, res[n], d, label)
     return ctx.cache["dist"]["plain"], ctx.cache["dist"][name]
 
 

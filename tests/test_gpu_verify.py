@@ -91,6 +91,9 @@ def test_distributed_judge(gv):
     assert not ok
     ok, d = gv.judge_distributed(plain, {"mle": _losses([10.0] * 4), "emo": _losses([8.0] * 4)})
     assert not ok  # 20 steps compared, 50 wanted
+    unsharded = {"mle": dict(close["mle"], active=False), "emo": dict(close["emo"], active=True)}
+    ok, d = gv.judge_distributed(plain, unsharded)
+    assert not ok and any("no sign" in r for r in d["failed_because"])
 
 
 def _bench(rows):
