@@ -17,6 +17,7 @@
 # The wheels come from ../shared/tools/gpu-wheels (the versions it pins), run in a scratch git repository
 # because it writes .git/info/exclude, which a git worktree does not have as a folder.
 set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
 root=$(git rev-parse --show-toplevel)
 cd "$root"
 stage=.local-data/gpu15
@@ -28,11 +29,11 @@ sizes() {
   local tree
   tree=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s}')
   tree=$((tree + $(git ls-files -z --others --exclude-standard | xargs -0 -r stat -c %s | awk '{s+=$1} END {print s+0}')))
-  python3 - "$tree" "$stage" <<'EOF'
+  python3 - "$tree" "$stage" "$here" <<'EOF'
 import json, subprocess, sys
 from pathlib import Path
 tree, stage = int(sys.argv[1]), Path(sys.argv[2])
-sys.path.insert(0, "scripts")
+sys.path.insert(0, sys.argv[3])  # the folder of this script and gpu_verify.py
 from gpu_verify import CALL_CARRY
 limit = 64 * 2**20
 def du(p):

@@ -64,6 +64,9 @@ STAGE = ROOT / ".local-data" / "gpu15"
 SHARED = ROOT.parent / "shared"
 DOC_RESULTS = ROOT / "docs" / "results" / "gpu-verification.json"
 SITE = Path("/tmp/site")
+#: scripts/benchmark.py, or benchmarks/benchmark.py should it move there
+BENCHMARK = next((p for p in (ROOT / "scripts" / "benchmark.py", ROOT / "benchmarks" / "benchmark.py") if p.exists()),
+                 ROOT / "scripts" / "benchmark.py")
 
 #: A fresh GPT-2 of the base model's shape (../shared/models/gpt2-gutenberg-30m), dropout off so that runs
 #: under different launchers can be compared step by step.
@@ -723,7 +726,7 @@ def _bench(ctx: Ctx, label: str) -> dict[str, Any]:
         extra += ["--profile"]
     else:  # V = 128256: SequenceMatch's sampling at this vocabulary is out of scope for the peer comparison
         objs = [o for o in objectives if o != "sequencematch"]
-    cmd = [sys.executable, "scripts/benchmark.py", "--shape", shape, "--objectives", *objs, "--liger", "--cce", "--trl",
+    cmd = [sys.executable, str(BENCHMARK.relative_to(ROOT)), "--shape", shape, "--objectives", *objs, "--liger", "--cce", "--trl",
            *extra, "--out", str(out)]
     r = ctx.run(f"bench-{label}", cmd)
     p = out / "benchmark.json"
