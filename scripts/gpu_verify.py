@@ -93,7 +93,7 @@ class Scale:
     dist_batch: int = 16
     block_size: int | None = None  # None: the config's (256)
     eval_overrides: tuple[str, ...] = ()  # None: the config's eval section (1000 prompts, 128 new tokens)
-    max_eval_samples: int | None = None
+    max_eval_samples: int | None = None  # eval documents of the runs without generation metrics (None: all)
     model_config: dict = field(default_factory=lambda: dict(FRESH_GPT2))
     bench_shapes: tuple[tuple[str, str, tuple[str, ...]], ...] = ()  # (label, shape, extra args)
     data_lines: int | None = None  # None: whole files
@@ -107,7 +107,7 @@ DRY_SCALE = Scale(
     steps=6, eval_steps=3, dist_steps=4, dist_logging_steps=1, numerics_batch=4, dist_batch=4, block_size=64,
     eval_overrides=("--eval.num_prompts", "50", "--eval.prompt_words", "8", "--eval.continuation_words", "16",
                     "--eval.max_new_tokens", "16", "--eval.batch_size", "25"),
-    model_config=dict(TINY_GPT2), data_lines=1200, jobs=1, use_cpu=True, run_timeout_s=900,
+    max_eval_samples=24, model_config=dict(TINY_GPT2), data_lines=1200, jobs=1, use_cpu=True, run_timeout_s=900,
 )
 
 
@@ -531,13 +531,13 @@ def _fresh_model_args(ctx: Ctx) -> list[str]:
             "--model.tokenizer", str(ctx.tokenizer), "--model.dtype", "float32"]
 
 
-def _data_args(ctx: Ctx, train: str, valid: str) -> list[str]:
+def _data_args(ctx: Ctx, train: str, valid: str, limit_eval: bool = True) -> list[str]:
     s = ctx.scale
     args = ["--data.dataset", "null", "--data.train_files", f"[{ctx.data[train]}]",
             "--data.validation_files", f"[{ctx.data[valid]}]"]
     if s.block_size:
         args += ["--data.block_size", str(s.block_size)]
-    if s.max_eval_samples:
+    if s.max_eval_samples and limit_eval:  # never with generation metrics: it also limits the prompts' documents
         args += ["--data.max_eval_samples", str(s.max_eval_samples)]
     return args
 
@@ -569,7 +569,7 @@ def check_accelerate_launch(ctx: Ctx) -> tuple[bool, dict[str, Any]]:
     run_dir = ctx.work / "runs" / "accelerate_emo_gpt2"
     s = ctx.scale
     cmd = [*_accelerate(ctx), "scripts/train.py", "--config", "configs/emo_gpt2.yaml",
-           *_fresh_model_args(ctx), *_data_args(ctx, "train", "test"),
+           *_fresh_model_args(ctx), *_data_args(ctx, "train", "test", limit_eval=False),
            "--eval.mauve_featurizer", "hashing", *s.eval_overrides,
            "--max_steps", str(s.steps), "--eval_steps", str(s.eval_steps), "--logging_steps", "10" if not ctx.dry_run else "1",
            "--bf16", "true", *_common_training_args(ctx, run_dir)]
@@ -834,8 +834,8 @@ def _summary(c: dict[str, Any]) -> str:
     d = c.get("details", {})
     if c.get("status") == "skipped":
         return "skipped: " + str(d.get("reason", ""))
-    keys = ("tokens_per_s_train_only", "one_eval_cost_s", "eval_loss", "relative_gap", "max_relative_diff",
-            "targets_missed", "failed_because")
+    keys = ("failed_because", "tokens_per_s_train_only", "one_eval_cost_s", "eval_loss", "relative_gap",
+            "max_relative_diff", "targets_missed")
     parts = []
     for k in keys:
         if k in d and d[k] not in (None, [], {}):
