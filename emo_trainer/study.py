@@ -72,9 +72,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="rows of the study: 'none' = the uncalibrated checkpoint; else [NAME=]OBJECTIVE[:KEY=VALUE,...] "
                         "with config overrides for that row only, e.g. emo-m1=emo:emo.mode=1 "
                         "mle-lr2e-5=mle:training.learning_rate=2e-5")
-    p.add_argument("--stage", choices=["all", "calibrate", "evaluate", "score"], default="all",
+    p.add_argument("--stage", choices=["all", "calibrate", "evaluate", "score", "probe"], default="all",
                    help="calibrate = train the models only (evaluate later); evaluate = only models already trained; "
-                        "score = MAUVE of the samples that an evaluation with --no-mauve left")
+                        "score = MAUVE of the samples that an evaluation with --no-mauve left; probe = how each "
+                        "row's objective moves the base model's held-out CE in its first AdamW steps (probe.json)")
+    p.add_argument("--probe-steps", type=int, default=10, help="AdamW steps per objective of --stage probe")
+    p.add_argument("--probe-batch-size", type=int, default=16, help="blocks per step of --stage probe")
     p.add_argument("--no-mauve", action="store_true",
                    help="evaluate without MAUVE (perplexity, samples, repetition); add it later with --stage score, "
                         "e.g. on another machine that has mauve-text")
@@ -405,6 +408,107 @@ def score_model(args, name: str, out: Path) -> dict:
     return info
 
 
+def _packed_blocks(tokenizer, text: str, block_size: int, n: int):
+    import torch
+
+    ids = tokenizer(text, verbose=False)["input_ids"][: n * block_size]
+    if len(ids) < n * block_size:
+        raise ValueError(f"the probe needs {n} blocks of {block_size} tokens; the text has {len(ids)} tokens")
+    return torch.tensor(ids).view(n, block_size)
+
+
+def gradient_probe(model, objectives: dict, train_blocks, heldout_blocks, *, learning_rate: float, steps: int,
+                   batch_size: int, tokenizer=None) -> dict:
+    """How each objective's updates move the held-out cross-entropy of ``model`` (restored after each).
+
+    For every objective: its diagnostics on the first batch; the cosine between its parameter
+    gradient and MLE's; ``heldout_dce_first_step_per_lr`` = −⟨∇CE_heldout, sign(g)⟩, the first-order
+    change of held-out CE per unit learning rate of the first AdamW step (which moves every
+    parameter by lr·sign(g)); and the held-out CE after 1, ``steps``//2 and ``steps`` real AdamW
+    steps (no weight decay, constant ``learning_rate``) on successive batches of ``train_blocks``.
+    A negative first-step number means the objective's first update lowers held-out CE.
+    """
+    import copy
+
+    import torch
+
+    def flat_grad():
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).clone()
+
+    def heldout_ce():
+        with torch.no_grad():
+            return float(model(heldout_blocks, labels=heldout_blocks).loss)
+
+    state0 = copy.deepcopy(model.state_dict())
+    model.zero_grad()
+    model(heldout_blocks, labels=heldout_blocks).loss.backward()
+    g_heldout = flat_grad()
+    result: dict = {"heldout_ce_start": heldout_ce(), "learning_rate": learning_rate, "steps": steps,
+                    "batch_size": batch_size, "block_size": int(train_blocks.shape[1]), "objectives": {}}
+    g_mle = None
+    checkpoints = sorted({1, max(1, steps // 2), steps})
+    for name, obj in objectives.items():
+        model.load_state_dict(state0)
+        obj.setup(model, tokenizer)
+        model.zero_grad()
+        first = train_blocks[:batch_size]
+        out = obj(model(first).logits, first)
+        out.loss.backward()
+        g = flat_grad()
+        g_mle = g if g_mle is None else g_mle
+        r = {"metrics": {k: float(v) for k, v in out.metrics.items()},
+             "param_cos_with_first": float(torch.nn.functional.cosine_similarity(g, g_mle, dim=0)),
+             "heldout_dce_first_step_per_lr": float(-(g_heldout * g.sign()).sum()),
+             "heldout_ce_after_steps": {}}
+        opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+        for step in range(1, steps + 1):
+            lo = ((step - 1) * batch_size) % max(1, len(train_blocks) - batch_size + 1)
+            xb = train_blocks[lo: lo + batch_size]
+            obj.on_step_begin(model, step - 1)
+            opt.zero_grad()
+            obj(model(xb).logits, xb).loss.backward()
+            opt.step()
+            if step in checkpoints:
+                r["heldout_ce_after_steps"][step] = heldout_ce()
+        result["objectives"][name] = r
+        logger.info("probe %s: cos %.3f, first-step dCE/lr %.1f, held-out CE %s", name, r["param_cos_with_first"],
+                    r["heldout_dce_first_step_per_lr"], r["heldout_ce_after_steps"])
+    model.load_state_dict(state0)
+    return result
+
+
+def run_probe(args, rows: list[Row], out: Path) -> dict:
+    """``--stage probe``: :func:`gradient_probe` of every calibrated row's objective (with its
+    overrides) on the base checkpoint, over the calibration set (train) and the validation text
+    (held out); the first row is the reference of the cosines (put ``mle`` first)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from emo_trainer.config import build_objective, load_config
+
+    torch.manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    if _cuda():
+        model = model.cuda()
+    objectives = {}
+    for row in rows:
+        if row.objective in ("none", "sequencematch"):
+            continue  # nothing to train / needs its own model surgery and sampler
+        cfg = load_config(args.config, calibration_overrides(args, row, out))
+        objectives[row.name] = build_objective(cfg.objective)
+    n = args.probe_steps * args.probe_batch_size + args.probe_batch_size
+    calib = (out / "calibration_set.txt").read_text(encoding="utf-8")
+    train = _packed_blocks(tokenizer, calib, args.block_size, n).to(model.device)
+    held = _packed_blocks(tokenizer, validation_file(args, out).read_text(encoding="utf-8"), args.block_size,
+                          args.probe_batch_size).to(model.device)
+    result = gradient_probe(model, objectives, train, held, learning_rate=args.learning_rate, steps=args.probe_steps,
+                            batch_size=args.probe_batch_size, tokenizer=tokenizer)
+    result["model"] = args.model
+    (out / "probe.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
 def calibrate(args, row: Row) -> dict:
     """Calibrate one row's model (resumable: an interrupted run resumes from its last complete
     checkpoint; a finished one, with ``final/config.json``, is not redone). Returns its info."""
@@ -618,7 +722,8 @@ def sizing_of(args, num_sentences: int) -> dict:
 
 
 #: Arguments that do not change any result: a study may be resumed with other values of these.
-_EXECUTION_ARGS = ("objectives", "output_dir", "jobs", "threads", "docs_dir", "report_only", "stage", "no_mauve")
+_EXECUTION_ARGS = ("objectives", "output_dir", "jobs", "threads", "docs_dir", "report_only", "stage", "no_mauve",
+                   "probe_steps", "probe_batch_size")
 
 
 #: Arguments that make the calibrated models: a study directory is never resumed with other values.
@@ -681,6 +786,9 @@ def main(argv: list[str] | None = None) -> int:
     validation_file(args, out, write=True)
     sents = build_calibration_set(args, out)
     logger.info("calibration set: %d sentences in %s", len(sents), out / "calibration_set.txt")
+    if args.stage == "probe":
+        print(json.dumps(run_probe(args, rows, out), indent=2))
+        return 0
     if args.stage != "calibrate" and not (args.no_mauve and args.stage != "score"):
         prompts = prompts_of(args)
         reference_features(args, out, prompts)

@@ -231,3 +231,29 @@ def test_study_rows_parse_and_reject_bad_specs():
     for bad in ("emo:mode", ":emo.mode=1", "none:x=1", "a/b=mle"):
         with pytest.raises(ValueError, match="--objectives"):
             study.parse_row(bad)
+
+
+def test_study_probe_measures_each_objective_against_mle(corpus, tmp_path):
+    """--stage probe: per row, the cosine with the first row's gradient, the first AdamW step's
+    held-out CE change and the held-out CE after real steps; the base model is left unchanged."""
+    import json
+
+    import torch
+
+    from emo_trainer import study
+
+    _, base = corpus
+    argv = ["--output-dir", str(tmp_path / "probe"), "--model", str(base), "--train-file", str(tmp_path / "wiki.train.tokens"),
+            "--valid-file", str(tmp_path / "wiki.valid.raw"), "--test-file", str(tmp_path / "wiki.valid.raw"),
+            "--objectives", "none", "mle", "mle-again=mle", "emo-m1=emo:emo.mode=1", "--sentences", "12",
+            "--block-size", "8", "--stage", "probe", "--probe-steps", "2", "--probe-batch-size", "2",
+            "--learning-rate", "1e-3"]
+    assert study.main(argv) == 0
+    probe = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    rows = probe["objectives"]
+    assert list(rows) == ["mle", "mle-again", "emo-m1"]
+    assert rows["mle"]["param_cos_with_first"] == pytest.approx(1.0, abs=1e-5)
+    assert rows["mle-again"]["heldout_dce_first_step_per_lr"] == pytest.approx(rows["mle"]["heldout_dce_first_step_per_lr"])
+    assert rows["mle-again"]["heldout_ce_after_steps"] == rows["mle"]["heldout_ce_after_steps"]  # model restored each time
+    assert set(rows["mle"]["heldout_ce_after_steps"]) == {"1", "2"}
+    assert {"ce", "demd", "weight"} <= set(rows["emo-m1"]["metrics"]) and rows["emo-m1"]["param_cos_with_first"] < 1
