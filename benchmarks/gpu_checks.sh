@@ -6,12 +6,16 @@
 #   bash benchmarks/gpu_checks.sh perf       # SequenceMatch and EMO after the last unmeasured fixes (~4 min)
 #   bash benchmarks/gpu_checks.sh kernels    # the Triton kernels on CUDA (tests/test_triton_cuda.py, ~1 min)
 #   bash benchmarks/gpu_checks.sh numerics   # bf16 and fp16, every objective, 400 quickstart steps (~8 min)
+#   bash benchmarks/gpu_checks.sh verify --call 1|2   # issue 15: benchmarks/gpu_verify.py (runbook: docs/distributed.md)
 #
 # What to look for is printed at the end of each group.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu-checks}"
-group="${1:?usage: gpu_checks.sh perf|kernels|numerics}"
+group="${1:?usage: gpu_checks.sh perf|kernels|numerics|verify}"
+if [[ "$group" == verify ]]; then  # issue 15's checks, judged in code, results JSON/MD under $OUT
+    shift; exec python3 benchmarks/gpu_verify.py --out "$OUT" "$@"
+fi
 case "$group" in perf|kernels|numerics) ;; *) echo "unknown group '$group': use perf, kernels or numerics" >&2; exit 2;; esac
 mkdir -p "$OUT/$group"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/$group/gpu.txt" || true

@@ -476,6 +476,41 @@ def validate_eval(e: EvalConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _validate_decodings(e)
+
+
+def _validate_decodings(e: EvalConfig) -> None:
+    from .eval_config import _NAME_OK, DECODING_KEYS
+
+    for i, d in enumerate(e.decodings):
+        where = f"eval.decodings[{i}]"
+        if not isinstance(d, dict) or not d:
+            raise ConfigError(f"{where}: expected a mapping such as {{top_p: 0.95}}, got {d!r}")
+        unknown = [k for k in d if k not in DECODING_KEYS]
+        if unknown:
+            raise ConfigError(f"{where}: unknown key '{unknown[0]}'{_suggest(str(unknown[0]), DECODING_KEYS)}; "
+                              f"valid keys: {', '.join(DECODING_KEYS)}")
+        for key, tp in (("temperature", float), ("top_k", int), ("top_p", float)):
+            if key in d:
+                d[key] = coerce(d[key], tp, f"{where}.{key}")
+    settings = e.decoding_settings()
+    for i, s in enumerate(settings[1:]):
+        where = f"eval.decodings[{i}]"
+        if not s.name:
+            raise ConfigError(f"{where}: {e.decodings[i]!r} is the main decoding setting (eval.temperature/top_k/"
+                              "top_p) again; change a value or remove it")
+        if not _NAME_OK.match(s.name):
+            raise ConfigError(f"{where}.name: {s.name!r} must be letters, digits, '.', '_' or '-' (it prefixes "
+                              "the logged keys)")
+        for ok, message in ((0 < s.top_p <= 1, f"{where}.top_p: must be in (0, 1], got {s.top_p}"),
+                            (s.temperature > 0, f"{where}.temperature: must be > 0, got {s.temperature}"),
+                            (s.top_k >= 0, f"{where}.top_k: must be >= 0 (0 = no top-k), got {s.top_k}")):
+            if not ok:
+                raise ConfigError(message)
+    names = [s.name for s in settings[1:]]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise ConfigError(f"eval.decodings: two settings are named {dup!r}; give them different 'name's")
 
 
 def build_section(cls, raw: dict, section: str):

@@ -113,36 +113,145 @@ def test_detokenize_option(tmp_path):
 def test_study_resumes_only_with_its_own_settings(tmp_path):
     """scripts/calibration_study.py caches each model's eval.json: a re-run with other settings
     (which would mix models made differently) is refused; other --objectives may be added."""
-    import importlib.util
+    from emo_trainer import study
 
-    spec = importlib.util.spec_from_file_location("calibration_study", ROOT / "scripts/calibration_study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
     parse = study.make_parser().parse_args
     out = tmp_path / "study"
     out.mkdir()
-    base = ["--output-dir", str(out), "--sentences", "200", "--objectives", "none", "mle"]
+    files = ["--model", "m", "--train-file", "t", "--valid-file", "v", "--test-file", "x"]
+    base = ["--output-dir", str(out), *files, "--sentences", "200", "--objectives", "none", "mle"]
     assert study.check_settings(parse(base), out) is None
     assert (out / "study_settings.json").is_file()
     assert study.check_settings(parse([*base, "emo", "--jobs", "2"]), out) is None  # more objectives, more jobs
-    problem = study.check_settings(parse([*base[:3], "150", "--learning-rate", "1e-4"]), out)
+    assert study.check_settings(parse([*base, "--seeds", "4", "--decodings"]), out) is None  # evaluation only
+    problem = study.check_settings(parse([*base[:11], "150", "--learning-rate", "1e-4"]), out)
     assert "--sentences 200 → 150" in problem and "--learning-rate 5e-05 → 0.0001" in problem
 
 
 def test_study_validation_text_is_detokenized_like_training(tmp_path):
-    import importlib.util
-
+    from emo_trainer import study
     from emo_trainer.data import detokenize_wikitext
 
-    spec = importlib.util.spec_from_file_location("calibration_study", ROOT / "scripts/calibration_study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    files = ["--model", "m", "--train-file", "t", "--test-file", "x", "--output-dir", str(tmp_path)]
     raw = tmp_path / "valid.raw"
     raw.write_text(" = Title = \n The well @-@ known song , \" Hey \" , was 1 @,@ 000 years old . \n")
-    args = study.make_parser().parse_args(["--valid-file", str(raw)])
+    args = study.make_parser().parse_args([*files, "--valid-file", str(raw)])
     path = study.validation_file(args, tmp_path, write=True)
     want = [detokenize_wikitext(x) for x in raw.read_text().splitlines()]
     assert path.read_text().splitlines() == want and "well-known" in want[1]
-    assert f"--data.validation_files=[{path}]" in study.calibration_overrides(args, "mle", tmp_path)
-    off = study.make_parser().parse_args(["--valid-file", str(raw), "--detokenize", "none"])
+    assert f"--data.validation_files=[{path}]" in study.calibration_overrides(args, study.parse_row("mle"), tmp_path)
+    off = study.make_parser().parse_args([*files, "--valid-file", str(raw), "--detokenize", "none"])
     assert study.validation_file(off, tmp_path) == raw
+
+
+def test_fresh_study_runs_end_to_end(corpus, tmp_path):
+    """A new --output-dir (no validation.txt, nothing cached) runs the whole study: calibration set,
+    two calibrated rows (one a named variant with its own override) + the base, evaluation, reports.
+    The first study command on a fresh directory once stopped with "validation_files: file not found"."""
+    import json
+    import random
+
+    from emo_trainer import study
+
+    _, base = corpus
+    rng = random.Random(0)
+    words = ["the", "game", "was", "made", "by", "a", "team", "that", "wanted", "the", "story", "to", "be", "more", "forgiving", "than", "before"]
+    (tmp_path / "wiki.test.raw").write_text(
+        "\n".join(" ".join(rng.choice(words) for _ in range(12)) + " ." for _ in range(55)) + "\n")
+    out = tmp_path / "fresh-study"
+    argv = ["--output-dir", str(out), "--model", str(base), "--train-file", str(tmp_path / "wiki.train.tokens"),
+            "--valid-file", str(tmp_path / "wiki.valid.raw"), "--test-file", str(tmp_path / "wiki.test.raw"),
+            "--objectives", "none", "mle", "mle-lr1e-3=mle:training.learning_rate=1e-3",
+            "--sentences", "8", "--block-size", "16", "--batch-size", "2", "--num-prompts", "50",
+            "--prompt-words", "4", "--continuation-words", "4", "--max-new-tokens", "4", "--seeds", "0",
+            "--gen-batch-size", "25", "--mauve-kmeans-num-redo", "1", "--set", "training.use_cpu=true"]
+    assert study.main(argv) == 0
+    assert (out / "validation.txt").is_file() and (out / "calibration_set.txt").is_file()
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["checkpoints"]) == ["no calibration", "MLE", "mle-lr1e-3"] and not results["missing"]
+    for row in results["checkpoints"].values():
+        assert row["perplexity"] > 1 and 0 < row["mauve"] <= 1 and row["mauve_num_samples"] == 50
+        assert 0 < row["top_p0.95_mauve"] <= 1 and "top_p0.95_rep_2" in row  # the second decoding setting
+    assert "**top_p0.95**" in (out / "results.md").read_text()
+    sample = json.loads((out / "mle" / "samples.jsonl").read_text().splitlines()[0])
+    assert {"prefix", "reference", "pure/seed0", "top_p0.95/seed0"} <= set(sample)
+    lr = [json.loads((out / n / "emo_trainer_config.yaml").read_text().split("learning_rate:")[1].split()[0])
+          for n in ("mle", "mle-lr1e-3")]
+    assert lr == [5e-5, 1e-3], "a row's override reaches its run only"
+    assert results["checkpoints"]["MLE"]["perplexity"] != results["checkpoints"]["mle-lr1e-3"]["perplexity"]
+    # a re-run resumes: nothing is recomputed
+    stamp = (out / "mle" / "eval.json").stat().st_mtime_ns
+    model_stamp = (out / "mle" / "final" / "config.json").stat().st_mtime_ns
+    assert study.main(argv) == 0 and (out / "mle" / "eval.json").stat().st_mtime_ns == stamp
+    # other evaluation settings: every model is evaluated again, none calibrated again
+    assert study.main([*argv, "--decodings"]) == 0
+    assert (out / "mle" / "eval.json").stat().st_mtime_ns != stamp
+    assert (out / "mle" / "final" / "config.json").stat().st_mtime_ns == model_stamp
+    assert "top_p0.95_mauve" not in json.loads((out / "mle" / "eval.json").read_text())
+
+
+def test_study_mauve_later_equals_mauve_inline(corpus, tmp_path):
+    """--no-mauve (e.g. on a GPU machine without mauve-text) then --stage score gives exactly the
+    numbers of an inline evaluation."""
+    import json
+    import random
+
+    from emo_trainer import study
+
+    _, base = corpus
+    rng = random.Random(1)
+    words = ["a", "team", "wanted", "the", "story", "to", "be", "more", "forgiving", "than", "the", "first", "game", "of", "the", "series"]
+    (tmp_path / "test.raw").write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(52)) + "\n")
+
+    def argv(out, *extra):
+        return ["--output-dir", str(tmp_path / out), "--model", str(base), "--train-file", str(tmp_path / "wiki.train.tokens"),
+                "--valid-file", str(tmp_path / "wiki.valid.raw"), "--test-file", str(tmp_path / "test.raw"),
+                "--objectives", "none", "--sentences", "8", "--block-size", "16", "--prompt-words", "4",
+                "--continuation-words", "4", "--max-new-tokens", "3", "--seeds", "0", "1", "--gen-batch-size", "26",
+                "--mauve-kmeans-num-redo", "1", *extra]
+
+    assert study.main(argv("inline")) == 0
+    assert study.main(argv("later", "--no-mauve")) == 0
+    pending = json.loads((tmp_path / "later/none/eval.json").read_text())
+    assert pending["mauve_pending"] and "mauve" not in pending and "top_p0.95_rep_2" in pending
+    assert study.main(argv("later", "--stage", "score")) == 0
+    inline, later = (json.loads((tmp_path / d / "none/eval.json").read_text()) for d in ("inline", "later"))
+    for key in ("mauve", "mauve_std", "top_p0.95_mauve", "rep_2", "perplexity"):
+        assert later[key] == inline[key], key
+    assert "mauve_pending" not in later
+
+
+def test_study_rows_parse_and_reject_bad_specs():
+    from emo_trainer import study
+
+    assert study.parse_row("emo") == study.Row("emo", "emo")
+    assert study.parse_row("emo-m1=emo:emo.mode=1,emo.ratio_cap=3") == study.Row(
+        "emo-m1", "emo", ("emo.mode=1", "emo.ratio_cap=3"))
+    assert study.parse_row("emo:emo.mode=1").name == "emo_emo.mode-1"
+    for bad in ("emo:mode", ":emo.mode=1", "none:x=1", "a/b=mle"):
+        with pytest.raises(ValueError, match="--objectives"):
+            study.parse_row(bad)
+
+
+def test_study_probe_measures_each_objective_against_mle(corpus, tmp_path):
+    """--stage probe: per row, the cosine with the first row's gradient, the first AdamW step's
+    held-out CE change and the held-out CE after real steps; the base model is left unchanged."""
+    import json
+
+    from emo_trainer import study
+
+    _, base = corpus
+    argv = ["--output-dir", str(tmp_path / "probe"), "--model", str(base), "--train-file", str(tmp_path / "wiki.train.tokens"),
+            "--valid-file", str(tmp_path / "wiki.valid.raw"), "--test-file", str(tmp_path / "wiki.valid.raw"),
+            "--objectives", "none", "mle", "mle-again=mle", "emo-m1=emo:emo.mode=1", "--sentences", "12",
+            "--block-size", "8", "--stage", "probe", "--probe-steps", "2", "--probe-batch-size", "2",
+            "--learning-rate", "1e-3"]
+    assert study.main(argv) == 0
+    probe = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    rows = probe["objectives"]
+    assert list(rows) == ["mle", "mle-again", "emo-m1"]
+    assert rows["mle"]["param_cos_with_first"] == pytest.approx(1.0, abs=1e-5)
+    assert rows["mle-again"]["heldout_dce_first_step_per_lr"] == pytest.approx(rows["mle"]["heldout_dce_first_step_per_lr"])
+    assert rows["mle-again"]["heldout_ce_after_steps"] == rows["mle"]["heldout_ce_after_steps"]  # model restored each time
+    assert set(rows["mle"]["heldout_ce_after_steps"]) == {"1", "2"}
+    assert {"ce", "demd", "weight"} <= set(rows["emo-m1"]["metrics"]) and rows["emo-m1"]["param_cos_with_first"] < 1

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             with watch("repetition"):
                 repetition_metrics(continuations)
             with watch("mauve_total"):  # featurize (references only the first time) + PCA/k-means
-                score = cb._mauve(continuations)
+                score = cb.mauve_metrics(continuations)
         parts = {k: {kk: round(vv, 2) for kk, vv in v.items()} for k, v in watch.parts.items()}
         parts["featurizer"] = {"wall_s": round(feat.wall, 2), "cpu_s": round(feat.cpu, 2), "texts": feat.calls}
         runs.append({"evaluation": i + 1, **parts, "mean_length_words": round(mean_length(continuations), 1),

@@ -11,6 +11,10 @@ the step's extra peak memory over the model + optimizer state, for:
   reference-emo         the EMO authors' ``EMOLoss`` (PyPI ``EMOLoss``; ``--reference-emo``)
   liger-flce            Liger-Kernel's fused linear cross-entropy (``--liger``; CUDA only)
   torch-lce             PyTorch's chunked ``F.linear_cross_entropy`` (``--torch-lce``, torch ≥ 2.13)
+  cce-lce               Cut Cross-Entropy's ``linear_cross_entropy`` (``--cce``; PyPI ``cut-cross-entropy``; CUDA only)
+  trl-chunked-nll       TRL's chunked NLL (``--trl``): the fused LM head that ``SFTTrainer`` trains with for
+                        ``loss_type="nll"`` (``"chunked_nll"`` is its alias), via the public
+                        ``trl.trainer.add_fused_lm_head``; the loss only (no entropy / accuracy metrics)
 
 and reports ratios to the baseline, as a Markdown table and JSON (``--out DIR``).  Third-party
 losses are imported only if installed (never a dependency of emo-trainer); a missing one is
@@ -33,6 +37,7 @@ Examples::
     python benchmarks/benchmark.py --shape gpt2 --reference-emo --liger --torch-lce --out bench/gpt2
     python benchmarks/benchmark.py --shape gpt2 --compile --objectives mle emo --out bench/gpt2-compile
     python benchmarks/benchmark.py --shape large-vocab --max-batch --out bench/large-vocab
+    python benchmarks/benchmark.py --shape gpt2 --liger --cce --trl --out bench/gpt2-peers   # pip install -e ".[bench]"
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ SM_SAMPLE_EVERY = 4
 @dataclass
 class Case:
     name: str
-    kind: str  # builtin | objective | reference-emo | liger | torch-lce
+    kind: str  # builtin | objective | reference-emo | liger | torch-lce | cce | trl
     objective: str | None = None
     path: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
@@ -117,6 +122,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-emo", action="store_true", help="add the EMO authors' EMOLoss (pip install EMOLoss)")
     p.add_argument("--liger", action="store_true", help="add Liger-Kernel's fused linear cross-entropy (CUDA)")
     p.add_argument("--torch-lce", action="store_true", help="add PyTorch's chunked F.linear_cross_entropy")
+    p.add_argument("--cce", action="store_true",
+                   help="add Cut Cross-Entropy's linear_cross_entropy (pip install cut-cross-entropy; CUDA)")
+    p.add_argument("--trl", action="store_true",
+                   help="add TRL's chunked NLL (SFTTrainer's loss_type='nll'/'chunked_nll': trl.trainer.add_fused_lm_head)")
     p.add_argument("--max-batch", action="store_true",
                    help="CUDA: double the batch until builtin / mle full / mle chunked run out of memory")
     p.add_argument("--max-batch-limit", type=int, default=256, help="largest batch tried by --max-batch")
@@ -176,7 +185,15 @@ def default_cases(args, shape) -> list[Case]:
         cases.append(Case("liger-flce", "liger", "mle"))
     if args.torch_lce:
         cases.append(Case("torch-lce", "torch-lce", "mle"))
+    if getattr(args, "cce", False):
+        cases.append(Case("cce-lce", "cce", "mle"))
+    if getattr(args, "trl", False):
+        cases.append(Case("trl-chunked-nll", "trl", "mle"))
     return cases
+
+
+class CaseSkipped(Exception):
+    """A peer that cannot run here (e.g. a CUDA-only kernel on the CPU): the case is skipped with this note."""
 
 
 # ---------------------------------------------------------------------- one case
@@ -219,11 +236,28 @@ def build_loss(case: Case, model, runner, batch, vocab, chunk_size, device, tmp)
         cost = model.get_output_embeddings().weight.detach().clone()  # frozen initial head, as in their scripts
         return lambda: EMOLoss(runner(**model_inputs).logits, batch["labels"], cost_embedding=cost, mode=1), None
 
+    if case.kind == "trl":
+        # TRL >= 1.16: SFTTrainer patches the model with this fused head and trains on its per-token
+        # log-probabilities, computed in chunks without the (batch, seq, vocab) logits.
+        from trl.trainer import add_fused_lm_head
+
+        add_fused_lm_head(model)
+        labels = batch["labels"]
+        return lambda: runner(**model_inputs, labels=labels, fused_lm_head=True).loss, None
+
     from emo_trainer.trainer import _hidden_states_as_logits
 
     head = model.get_output_embeddings()
     targets = batch["labels"][:, 1:].reshape(-1)
-    if case.kind == "liger":
+    if case.kind == "cce":
+        from cut_cross_entropy import linear_cross_entropy  # PyPI cut-cross-entropy
+
+        if device.type != "cuda":
+            raise CaseSkipped("CUDA only (its kernels are Triton GPU kernels)")
+
+        def loss_of(hidden, weight):
+            return linear_cross_entropy(hidden, weight, targets)
+    elif case.kind == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         fn = LigerFusedLinearCrossEntropyLoss()
@@ -397,6 +431,8 @@ def measure_cuda(cases, shape, args, device, batch_size, seq, steps, warmup) -> 
                 del r
         except ImportError as e:
             res.status, res.note = "skipped", f"not installed: {e.name or e}"
+        except CaseSkipped as e:
+            res.status, res.note = "skipped", str(e)
         except torch.cuda.OutOfMemoryError:
             res.status = "OOM"
         except Exception as e:  # noqa: BLE001 - one broken case must not lose the others
@@ -424,6 +460,8 @@ def measure_cpu(cases, shape, args, device, batch_size, seq, steps, warmup) -> l
                 continue
             except ImportError as e:
                 res.status, res.note = "skipped", f"not installed: {e.name or e}"
+            except CaseSkipped as e:
+                res.status, res.note = "skipped", str(e)
             except Exception as e:  # noqa: BLE001
                 res.status, res.note = "error", f"{type(e).__name__}: {e}"[:200]
             results[case.name] = res
@@ -485,7 +523,7 @@ def versions() -> dict[str, str]:
     v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
     from importlib.metadata import PackageNotFoundError, version
 
-    for dist in ("emo-trainer", "EMOLoss", "liger-kernel", "peft"):
+    for dist in ("emo-trainer", "EMOLoss", "liger-kernel", "cut-cross-entropy", "trl", "peft"):
         with contextlib.suppress(PackageNotFoundError):
             v[dist] = version(dist)
     return v

@@ -20,7 +20,8 @@ through ``trainer.log`` so that ``state.log_history``, TensorBoard, W&B and the 
 Logged keys (prefix ``eval_``): ``perplexity`` (if computed here), ``mauve``,
 ``mauve_num_samples``, ``rep_2``, ``rep_3``, ``rep_4``, ``diversity``, ``seq_rep_4``,
 ``distinct_1``, ``distinct_2``, ``mean_length`` (whitespace words per continuation), each also as
-``<key>_std`` when several seeds are configured; ``generation_runtime`` and ``mauve_runtime``
+``<key>_std`` when several seeds are configured, and the same keys for each extra decoding setting
+of ``eval.decodings`` under its name (``top_p0.95_mauve``, ...); ``generation_runtime`` and ``mauve_runtime``
 (seconds); and once, at the first evaluation, the human baseline on the reference continuations:
 ``ref_rep_2`` ... ``ref_mean_length``.
 
@@ -32,6 +33,7 @@ cached between calls, because the weights can change without a training step (e.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
@@ -106,6 +108,8 @@ class GenerationEvalCallback(TrainerCallback):
             one from ``eval_config.mauve_featurizer``.
         perplexity_vocab_size: restrict the perplexity softmax to the first N logits (a model
             with extra actions beyond the vocabulary, e.g. SequenceMatch's backspace).
+        reference_features: MAUVE's p features (prefix + human continuation of each prompt) made
+            earlier with the same featurizer, e.g. cached on disk across models; else computed once.
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class GenerationEvalCallback(TrainerCallback):
         sampler: Sampler | None = None,
         featurizer: Featurizer | None = None,
         perplexity_vocab_size: int | None = None,
+        reference_features: np.ndarray | None = None,
     ):
         self.config = eval_config or EvalConfig()
         self.prompts = list(prompts)
@@ -134,8 +139,15 @@ class GenerationEvalCallback(TrainerCallback):
             check_sample_count(len(self.prompts), len(self.prompts))
         self._featurizer = featurizer
         self._feature_cache = FeatureCache()
+        if reference_features is not None:
+            if len(reference_features) != len(self.prompts):
+                raise ValueError(f"reference_features has {len(reference_features)} rows for {len(self.prompts)} prompts")
+            self._feature_cache.put(self.featurizer, [p.human_text for p in self.prompts],
+                                    np.asarray(reference_features, dtype=np.float32))
         self._reference_logged = False
         self._warned_no_trainer = False
+        #: The continuations of the last evaluation: {(decoding name, seed): texts} ("" = main setting).
+        self.last_continuations: dict[tuple[str, int], list[str]] = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -185,12 +197,14 @@ class GenerationEvalCallback(TrainerCallback):
     def generation_metrics(self, model: Any, tokenizer: Any = None) -> dict[str, float]:
         """Sample, then score: the metrics of one evaluation, without prefix (mean/std over seeds).
 
-        Collective under ``accelerate``: every process must call it (each samples and featurizes a
-        shard); every process gets the same numbers.
+        The main decoding setting gives ``mauve``, ``rep_2``, ...; each of ``eval.decodings`` gives
+        the same keys under its name (``top_p0.95_mauve``, ...).  Collective under ``accelerate``:
+        every process must call it (each samples and featurizes a shard); every process gets the
+        same numbers.
         """
         start = time.perf_counter()
         per_seed = self.per_seed_metrics(model, tokenizer)
-        mauve_time = sum(m.pop("mauve_runtime", 0.0) for m in per_seed)
+        mauve_time = sum(m.pop(k) for m in per_seed for k in [k for k in m if k.endswith("mauve_runtime")])
         out = aggregate_seeds(per_seed)
         out["generation_runtime"] = round(time.perf_counter() - start, 4)
         if self.config.mauve:
@@ -198,24 +212,34 @@ class GenerationEvalCallback(TrainerCallback):
         return out
 
     def per_seed_metrics(self, model: Any, tokenizer: Any = None) -> list[dict[str, float]]:
-        """One dict of metrics per sampling seed (``eval.seeds``), each with its ``mauve_runtime``."""
+        """One dict of metrics per sampling seed (``eval.seeds``), each decoding setting's keys under
+        its name, with their ``mauve_runtime``.  The texts are kept in :attr:`last_continuations`,
+        keyed by (decoding name, seed)."""
         tokenizer = tokenizer or self.tokenizer
         if tokenizer is None:
             raise ValueError("GenerationEvalCallback needs a tokenizer (pass tokenizer= or give the trainer one)")
         c = self.config
         prefixes = [p.prefix for p in self.prompts]
         per_seed = []
+        self.last_continuations = {}
         for seed in c.seeds:
-            continuations = generate_continuations(model, tokenizer, prefixes, c, seed=seed, sampler=self.sampler)
-            metrics = repetition_metrics(continuations)
-            if c.mauve:
-                t0 = time.perf_counter()
-                metrics.update(self._mauve(continuations))
-                metrics["mauve_runtime"] = time.perf_counter() - t0
+            metrics: dict[str, float] = {}
+            for d in c.decoding_settings():
+                dc = dataclasses.replace(c, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p)
+                continuations = generate_continuations(model, tokenizer, prefixes, dc, seed=seed, sampler=self.sampler)
+                self.last_continuations[(d.name, seed)] = continuations
+                m = repetition_metrics(continuations)
+                if c.mauve:
+                    t0 = time.perf_counter()
+                    m.update(self.mauve_metrics(continuations))
+                    m["mauve_runtime"] = time.perf_counter() - t0
+                metrics.update({d.key(k): v for k, v in m.items()})
             per_seed.append(metrics)
         return per_seed
 
-    def _mauve(self, continuations: list[str]) -> dict[str, float]:
+    def mauve_metrics(self, continuations: list[str]) -> dict[str, float]:
+        """MAUVE of one continuation per prompt (in prompt order) against the human continuations:
+        ``{"mauve", "mauve_num_samples"}``.  Collective under ``accelerate``, like :meth:`generation_metrics`."""
         c, feat = self.config, self.featurizer
         p = featurize(feat, [x.human_text for x in self.prompts], self._feature_cache)  # featurized once per run
         q = featurize(feat, [x.with_continuation(t) for x, t in zip(self.prompts, continuations)])

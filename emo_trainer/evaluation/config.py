@@ -2,7 +2,41 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+#: Keys a decoding setting of ``eval.decodings`` may set.
+DECODING_KEYS = ("name", "temperature", "top_k", "top_p")
+_NAME_OK = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """One decoding setting of the generation metrics. ``name`` prefixes its logged keys
+    (``eval_<name>_mauve``); the main setting (``eval.temperature/top_k/top_p``) has ``name == ""``
+    and logs unprefixed keys (``eval_mauve``)."""
+
+    name: str
+    temperature: float
+    top_k: int
+    top_p: float
+
+    def key(self, metric: str) -> str:
+        """The metric's key under this decoding: ``mauve`` or ``top_p0.95_mauve``."""
+        return f"{self.name}_{metric}" if self.name else metric
+
+
+def decoding_name(setting: dict, main: Decoding) -> str:
+    """The default name of a decoding setting: what differs from the main one, e.g. ``top_p0.95``,
+    ``top_k50``, ``temp0.7`` (joined with ``_`` when several keys differ)."""
+    parts = []
+    if "temperature" in setting and setting["temperature"] != main.temperature:
+        parts.append(f"temp{setting['temperature']:g}")
+    if "top_k" in setting and setting["top_k"] != main.top_k:
+        parts.append(f"top_k{setting['top_k']}")
+    if "top_p" in setting and setting["top_p"] != main.top_p:
+        parts.append(f"top_p{setting['top_p']:g}")
+    return "_".join(parts)
 
 
 @dataclass
@@ -27,6 +61,11 @@ class EvalConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    #: More decoding settings, each evaluated like the main one (same prompts and seeds) and logged
+    #: under its own name: e.g. ``[{top_p: 0.95}]`` adds ``eval_top_p0.95_mauve``, ``..._rep_2``, ...
+    #: next to the pure-sampling ``eval_mauve``. Keys: ``temperature``, ``top_k``, ``top_p`` (unset =
+    #: the main setting's) and ``name`` (default: built from what differs, e.g. ``top_p0.95``).
+    decodings: tuple[dict, ...] = ()
     #: Prompts per generation batch (left padded, KV cache).
     batch_size: int = 32
     #: Sampling seed(s); several seeds give mean ± std.
@@ -51,3 +90,15 @@ class EvalConfig:
     mauve_device: str = "auto"
     #: Texts per featurizer forward pass.
     featurizer_batch_size: int = 16
+
+    def decoding_settings(self) -> list[Decoding]:
+        """The main decoding setting (name ``""``) followed by ``decodings``, with defaults filled in."""
+        main = Decoding("", self.temperature, self.top_k, self.top_p)
+        out = [main]
+        for d in self.decodings:
+            d = dict(d)
+            out.append(Decoding(
+                str(d.get("name") or decoding_name(d, main)), float(d.get("temperature", main.temperature)),
+                int(d.get("top_k", main.top_k)), float(d.get("top_p", main.top_p)),
+            ))
+        return out

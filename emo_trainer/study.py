@@ -1,0 +1,805 @@
+"""The calibration study: one pretrained checkpoint, calibrated with every objective, evaluated alike.
+
+    python scripts/calibration_study.py --output-dir runs/study            # full scale (GPU)
+    python scripts/calibration_study.py --output-dir runs/study --sentences 800 --num-prompts 200 ...
+
+What it does, top to bottom:
+
+1. builds the calibration set ONCE from ``--train-file`` with the config's sentence splitter
+   (pysbd; headings, lines under ``calibration_min_words`` words and ``<unk>`` sentences dropped;
+   ``--sentences`` sampled with ``training.seed``) and writes ``<output-dir>/calibration_set.txt``;
+2. for each objective, calibrates ``--model`` through the normal config path
+   (``emo_trainer.cli.run(load_config(--config, overrides))``): the overrides are the same for
+   every objective except ``--objective X``, so data, blocks, steps, lr, schedule and seed are
+   identical; "no calibration" is the checkpoint itself;
+3. evaluates every model on ``--test-file`` (WikiText-2 test, raw, detokenized like the training
+   text unless ``--no-detokenize-test``): token-weighted perplexity (plain CE, 256-token packed
+   blocks, the first ``--ppl-blocks`` of them), and for each sampling seed one continuation per
+   prompt (pure sampling), MAUVE (featurizer ``--featurizer``, default the frozen base checkpoint;
+   reference features computed once for all models), rep-2/3/4, diversity, seq-rep-4,
+   distinct-n; the human values are the same metrics on the reference continuations;
+4. writes ``results.json`` (the ``scripts/evaluate.py`` layout, per-seed values included),
+   ``results.md`` (the table), ``results.png`` (bars with ± std over seeds) and
+   ``train_loss.png``, and runs ``emo_trainer.evaluation.compare`` on ``results.json`` (``compare.md``).
+
+Every model's results go to ``<output-dir>/<name>/eval.json`` as soon as it is done, and a model
+whose ``eval.json`` exists is not redone: re-running the same command resumes the study (other
+``--objectives`` may be added).  The settings are kept in ``study_settings.json``; re-running with
+different ones stops with an error instead of mixing models made differently.
+``--jobs N`` runs N models at a time (``--threads`` torch threads each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import logging
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+logger = logging.getLogger("emo_trainer.calibration_study")
+
+LABELS = {"none": "no calibration", "mle": "MLE", "emo": "EMO", "mixce": "MixCE", "mile": "MiLe",
+          "sequencematch": "SequenceMatch"}
+METRICS = ["perplexity", "mauve", "diversity", "rep_2", "rep_3", "rep_4", "seq_rep_4", "distinct_2", "mean_length"]
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Calibrate one checkpoint with each objective and evaluate all alike.")
+    default_config = REPO / "configs/calibrate_emo.yaml"
+    p.add_argument("--config", default=str(default_config) if default_config.is_file() else None,
+                   required=not default_config.is_file(),
+                   help="base calibration config (default: the repository's configs/calibrate_emo.yaml)")
+    p.add_argument("--model", required=True, help="the pretrained checkpoint to calibrate (a local directory)")
+    p.add_argument("--train-file", required=True,
+                   help="calibration documents, one per line (e.g. WikiText-2's wiki.train.tokens)")
+    p.add_argument("--valid-file", required=True,
+                   help="validation documents (end-of-training eval loss only; e.g. wiki.valid.raw)")
+    p.add_argument("--test-file", required=True, help="test documents (e.g. wiki.test.raw)")
+    p.add_argument("--detokenize", default="wikitext", help="data.detokenize for the calibration text ('none' = off)")
+    p.add_argument("--no-detokenize-test", action="store_true", help="evaluate on the test text exactly as in the file")
+    p.add_argument("--objectives", nargs="+", default=["none", "mle", "emo", "mixce", "mile", "sequencematch"],
+                   help="rows of the study: 'none' = the uncalibrated checkpoint; else [NAME=]OBJECTIVE[:KEY=VALUE,...] "
+                        "with config overrides for that row only, e.g. emo-m1=emo:emo.mode=1 "
+                        "mle-lr2e-5=mle:training.learning_rate=2e-5")
+    p.add_argument("--stage", choices=["all", "calibrate", "evaluate", "score", "probe"], default="all",
+                   help="calibrate = train the models only (evaluate later); evaluate = only models already trained; "
+                        "score = MAUVE of the samples that an evaluation with --no-mauve left; probe = how each "
+                        "row's objective moves the base model's held-out CE in its first AdamW steps (probe.json)")
+    p.add_argument("--probe-steps", type=int, default=10, help="AdamW steps per objective of --stage probe")
+    p.add_argument("--probe-batch-size", type=int, default=16, help="blocks per step of --stage probe")
+    p.add_argument("--no-mauve", action="store_true",
+                   help="evaluate without MAUVE (perplexity, samples, repetition); add it later with --stage score, "
+                        "e.g. on another machine that has mauve-text")
+    p.add_argument("--output-dir", required=True, help="the study directory (resumable; one study per directory)")
+    # calibration
+    p.add_argument("--sentences", type=int, default=25000, help="data.calibration_sentences")
+    p.add_argument("--learning-rate", type=float, default=5e-5, help="the same for every objective")
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16, help="per-device train batch size")
+    p.add_argument("--seed", type=int, default=42, help="training seed = calibration-set sampling seed")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra config overrides for every calibration run (e.g. emo.mode=1 bf16=true)")
+    # evaluation
+    p.add_argument("--featurizer", default=None, help="MAUVE featurizer (default: --model, frozen)")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="the first N test documents with --prompt-words + --continuation-words words (default: all)")
+    p.add_argument("--prompt-words", type=int, default=20)
+    p.add_argument("--continuation-words", type=int, default=80)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="sampling seeds")
+    p.add_argument("--decodings", nargs="*", default=["top_p=0.95"], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="decoding settings besides pure sampling, each logged under its name (eval.decodings); "
+                        "default: top_p=0.95; none: --decodings with no value")
+    p.add_argument("--gen-batch-size", type=int, default=64)
+    p.add_argument("--ppl-blocks", type=int, default=None, help="first N packed test blocks (default: all)")
+    p.add_argument("--mauve-kmeans-num-redo", type=int, default=5)
+    # execution
+    p.add_argument("--jobs", type=int, default=1, help="models calibrated/evaluated at the same time")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: torch's)")
+    p.add_argument("--docs-dir", default=None, help="also copy results.json/.md/.png here (e.g. docs/results)")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rebuild results.json/.md/.png from the models already evaluated")
+    return p
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_documents(args) -> list[str]:
+    from emo_trainer.data import detokenize_wikitext
+
+    lines = Path(args.test_file).read_text(encoding="utf-8").splitlines()
+    if args.detokenize != "none" and not args.no_detokenize_test:
+        lines = [detokenize_wikitext(x) for x in lines]
+    return [x for x in lines if x.strip()]
+
+
+def eval_config(args):
+    from emo_trainer.evaluation.config import EvalConfig
+
+    return EvalConfig(
+        num_prompts=len(prompts_of(args)), prompt_words=args.prompt_words, continuation_words=args.continuation_words,
+        max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size, seeds=tuple(args.seeds),
+        mauve_featurizer=args.featurizer or args.model, mauve_kmeans_num_redo=args.mauve_kmeans_num_redo,
+        mauve=not getattr(args, "no_mauve", False) or args.stage == "score",
+        mauve_device="cpu" if not _cuda() else "auto", decodings=tuple(parse_decoding(d) for d in args.decodings),
+    )
+
+
+def parse_decoding(spec: str) -> dict:
+    """``top_p=0.95`` or ``name=nucleus,top_p=0.95`` → an ``eval.decodings`` entry."""
+    from emo_trainer.config import cli_value
+
+    out = {}
+    for part in spec.split(","):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--decodings {spec!r}: write KEY=VALUE[,KEY=VALUE], e.g. top_p=0.95")
+        out[key.strip()] = cli_value(["eval", "decodings", key.strip()], value.strip())
+    return out
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@functools.lru_cache(maxsize=4)
+def _prompts(test_file: str, detokenize: str, no_detokenize_test: bool, prompt_words: int, continuation_words: int,
+             num_prompts: int | None):
+    from emo_trainer.evaluation.prompts import build_prompts
+
+    args = argparse.Namespace(test_file=test_file, detokenize=detokenize, no_detokenize_test=no_detokenize_test)
+    return tuple(build_prompts(test_documents(args), prompt_words, continuation_words, num_prompts))
+
+
+def prompts_of(args):
+    """The evaluation prompts: every test document with enough words (or the first ``--num-prompts``)."""
+    return list(_prompts(args.test_file, args.detokenize, args.no_detokenize_test, args.prompt_words,
+                         args.continuation_words, args.num_prompts))
+
+
+def featurizer_of(args):
+    from emo_trainer.evaluation.metrics.mauve import get_featurizer
+
+    c = eval_config(args)
+    return get_featurizer(c.mauve_featurizer, c.mauve_max_text_length, c.featurizer_batch_size, c.mauve_pooling,
+                          c.mauve_device)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of the study: a name (its directory and label), an objective, and the config
+    overrides of this row only (``[NAME=]OBJECTIVE[:KEY=VALUE,...]``)."""
+
+    name: str
+    objective: str
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return LABELS.get(self.name, self.name)
+
+
+def parse_row(spec: str) -> Row:
+    """``emo`` → Row('emo', 'emo'); ``emo-m1=emo:emo.mode=1,emo.ratio_cap=3`` → a named variant.
+
+    A variant without a name is named after its overrides (``emo:emo.mode=1`` → ``emo_emo.mode-1``)."""
+    head, _, tail = spec.partition(":")
+    name, eq, objective = head.partition("=")
+    if not eq:
+        name, objective = "", head
+    objective = objective.strip()
+    overrides = tuple(x.strip() for x in tail.split(",") if x.strip()) if tail else ()
+    if not objective or any("=" not in o for o in overrides):
+        raise ValueError(f"--objectives {spec!r}: write [NAME=]OBJECTIVE[:KEY=VALUE,...], "
+                         "e.g. emo-m1=emo:emo.mode=1")
+    if not name:
+        name = objective + "".join("_" + o.replace("=", "-") for o in overrides)
+    if any(c in name for c in "/\\ ") or name.startswith("."):
+        raise ValueError(f"--objectives {spec!r}: the row name {name!r} must be usable as a directory name")
+    if objective == "none" and overrides:
+        raise ValueError(f"--objectives {spec!r}: 'none' (the uncalibrated checkpoint) takes no overrides")
+    return Row(name, objective, overrides)
+
+
+def rows_of(args) -> list[Row]:
+    rows = [parse_row(s) for s in args.objectives]
+    seen: dict[str, str] = {}
+    for r, spec in zip(rows, args.objectives):
+        if r.name in seen:
+            raise ValueError(f"--objectives: {seen[r.name]!r} and {spec!r} both name the row {r.name!r}; give one NAME=")
+        seen[r.name] = spec
+    return rows
+
+
+def calibration_overrides(args, row: Row, out: Path) -> list[str]:
+    """The overrides of one calibration run: identical for every row except objective.name and
+    the row's own overrides (applied last)."""
+    calib = out / "calibration_set.txt"
+    return [
+        f"--objective={row.objective}",
+        f"--model.name_or_path={args.model}",
+        "--data.dataset=null",
+        f"--data.train_files=[{calib}]",       # the shared calibration set, one sentence per line
+        f"--data.validation_files=[{validation_file(args, out)}]",
+        "--data.calibration_sentences=null",    # already sampled (step 1)
+        "--data.detokenize=null",               # the set is already detokenized (not idempotent)
+        "--data.max_eval_samples=50",           # end-of-training eval loss on a few documents only
+        f"--data.block_size={args.block_size}",
+        "--eval.generation=false",              # evaluated below, identically for every model
+        f"--training.output_dir={out / row.name}",
+        f"--training.learning_rate={args.learning_rate}",
+        f"--training.per_device_train_batch_size={args.batch_size}",
+        f"--training.per_device_eval_batch_size={args.batch_size}",
+        f"--training.seed={args.seed}",
+        "--training.report_to=none",
+        *[s if s.startswith("--") else f"--{s}" for s in args.set],
+        *[f"--{o}" for o in row.overrides],
+    ]
+
+
+def validation_file(args, out: Path, write: bool = False) -> Path:
+    """The validation text of the end-of-training eval, detokenized like the calibration text.
+
+    The runs switch ``data.detokenize`` off (the calibration set is already detokenized, and the
+    WikiText detokenizer is not idempotent), which would leave the raw validation file
+    undetokenized — a different text format from training and test.  ``write`` makes the copy
+    (once, before the runs)."""
+    if args.detokenize in (None, "none", "null"):
+        return Path(args.valid_file)
+    path = out / "validation.txt"
+    if write:
+        from emo_trainer.data import detokenize_wikitext
+
+        lines = Path(args.valid_file).read_text(encoding="utf-8").splitlines()
+        path.write_text("\n".join(detokenize_wikitext(x) for x in lines) + "\n", encoding="utf-8")
+    return path
+
+
+def build_calibration_set(args, out: Path) -> list[str]:
+    """Step 1: the calibration set from the train documents, exactly as ``build_trainer`` builds it."""
+    from emo_trainer.config import load_config
+    from emo_trainer.data import calibration_set, load_raw_splits
+
+    path, meta_path = out / "calibration_set.txt", out / "calibration_set.json"
+    meta = {"train_file": str(args.train_file), "sentences": args.sentences, "seed": args.seed,
+            "detokenize": args.detokenize, "config": str(args.config)}
+    if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
+        return path.read_text(encoding="utf-8").splitlines()
+    cfg = load_config(args.config, [
+        f"--model.name_or_path={args.model}", "--data.dataset=null", f"--data.train_files=[{args.train_file}]",
+        f"--data.validation_files=[{validation_file(args, out)}]",
+        f"--data.detokenize={'null' if args.detokenize == 'none' else args.detokenize}",
+        f"--data.calibration_sentences={args.sentences}", f"--training.seed={args.seed}",
+    ])
+    raw = load_raw_splits(cfg.data, seed=args.seed)
+    sents = calibration_set(raw["train"][cfg.data.text_column], args.sentences, seed=args.seed,
+                            min_words=cfg.data.calibration_min_words)
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(sents) + "\n", encoding="utf-8")
+    meta_path.write_text(json.dumps(meta))
+    return sents
+
+
+def reference_features(args, out: Path, prompts):
+    """MAUVE's p features (prefix + human continuation), computed once for every model."""
+    import numpy as np
+
+    from emo_trainer.evaluation.metrics.mauve import featurize
+
+    path, key_path = out / "reference_features.npy", out / "reference_features.key"
+    feat = featurizer_of(args)
+    texts = [p.human_text for p in prompts]
+    key = hashlib.sha256("\x00".join([str(args.featurizer or args.model), *texts]).encode()).hexdigest()
+    if path.is_file() and key_path.is_file() and key_path.read_text() == key:
+        return np.load(path)
+    feats = featurize(feat, texts)
+    np.save(path, feats)
+    key_path.write_text(key)
+    return feats
+
+
+def evaluate_model(args, name: str, model_dir: str, out: Path) -> dict:
+    """Perplexity + per-seed generation metrics of one model, for every decoding setting, through the
+    evaluation callback's own code (:class:`~emo_trainer.evaluation.GenerationEvalCallback`); the
+    samples are kept in ``<name>/samples.jsonl``."""
+    import numpy as np
+
+    from emo_trainer.evaluation.callback import GenerationEvalCallback, aggregate_seeds
+    from emo_trainer.evaluation.checkpoints import document_perplexity, is_sequencematch_checkpoint, load_checkpoint
+
+    cfg = eval_config(args)
+    prompts = prompts_of(args)
+    model, tokenizer = load_checkpoint(model_dir, device="cuda" if _cuda() else "cpu")
+    sampler = None
+    if is_sequencematch_checkpoint(model, tokenizer):  # backspace-aware sampling; perplexity masks <bkspc>
+        from emo_trainer.objectives.sequencematch.sampler import sample_continuations_with_backspace
+
+        sampler = sample_continuations_with_backspace
+    t0 = time.perf_counter()
+    ppl = document_perplexity(model, tokenizer, test_documents(args), block_size=args.block_size,
+                              max_blocks=args.ppl_blocks)
+    result = {"perplexity": ppl["perplexity"], "nll": ppl["nll"], "ppl_tokens": ppl["num_tokens"],
+              "ppl_blocks": ppl["num_blocks"], "perplexity_runtime": round(time.perf_counter() - t0, 1)}
+    callback = GenerationEvalCallback(
+        prompts, cfg, tokenizer, compute_perplexity=False, sampler=sampler,
+        featurizer=featurizer_of(args) if cfg.mauve else None,
+        reference_features=np.load(out / "reference_features.npy") if cfg.mauve else None)
+    t0 = time.perf_counter()
+    per_seed = callback.per_seed_metrics(model)
+    for m in per_seed:
+        for k in [k for k in m if k.endswith("mauve_runtime")]:
+            m.pop(k)
+    result.update(aggregate_seeds(per_seed))
+    result["per_seed"] = per_seed
+    result["generation_runtime"] = round(time.perf_counter() - t0, 1)
+    for d in cfg.decoding_settings():
+        logger.info("%s %s: mauve %s, rep-2 %s", name, d.name or "pure sampling",
+                    " ".join(f"{m.get(d.key('mauve'), float('nan')):.4f}" for m in per_seed),
+                    " ".join(f"{m[d.key('rep_2')]:.4f}" for m in per_seed))
+    texts = callback.last_continuations
+    with open(out / name / "samples.jsonl", "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps({"prefix": p.prefix, "reference": p.reference,
+                                  **{f"{d or 'pure'}/seed{s}": t[i] for (d, s), t in texts.items()}}) + "\n"
+                      for i, p in enumerate(prompts))
+    return result
+
+
+def score_model(args, name: str, out: Path) -> dict:
+    """Add MAUVE to an evaluation made with ``--no-mauve``, from its ``samples.jsonl`` (same prompts,
+    same featurizer and reference features as an inline evaluation)."""
+    import numpy as np
+
+    from emo_trainer.evaluation.callback import GenerationEvalCallback, aggregate_seeds
+
+    info = json.loads((out / name / "eval.json").read_text())
+    cfg = eval_config(args)
+    prompts = prompts_of(args)
+    rows = [json.loads(x) for x in (out / name / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    if [r["prefix"] for r in rows] != [p.prefix for p in prompts]:
+        raise ValueError(f"{name}: samples.jsonl was made from other prompts; evaluate it again")
+    callback = GenerationEvalCallback(prompts, cfg, None, compute_perplexity=False, featurizer=featurizer_of(args),
+                                      reference_features=np.load(out / "reference_features.npy"))
+    for seed, m in zip(cfg.seeds, info["per_seed"]):
+        for d in cfg.decoding_settings():
+            texts = [r[f"{d.name or 'pure'}/seed{seed}"] for r in rows]
+            m.update({d.key(k): v for k, v in callback.mauve_metrics(texts).items()})
+    info.update(aggregate_seeds(info["per_seed"]))
+    info.pop("mauve_pending", None)
+    return info
+
+
+def _packed_blocks(tokenizer, text: str, block_size: int, n: int):
+    import torch
+
+    ids = tokenizer(text, verbose=False)["input_ids"][: n * block_size]
+    if len(ids) < n * block_size:
+        raise ValueError(f"the probe needs {n} blocks of {block_size} tokens; the text has {len(ids)} tokens")
+    return torch.tensor(ids).view(n, block_size)
+
+
+def gradient_probe(model, objectives: dict, train_blocks, heldout_blocks, *, learning_rate: float, steps: int,
+                   batch_size: int, tokenizer=None) -> dict:
+    """How each objective's updates move the held-out cross-entropy of ``model`` (restored after each).
+
+    For every objective: its diagnostics on the first batch; the cosine between its parameter
+    gradient and MLE's; ``heldout_dce_first_step_per_lr`` = −⟨∇CE_heldout, sign(g)⟩, the first-order
+    change of held-out CE per unit learning rate of the first AdamW step (which moves every
+    parameter by lr·sign(g)); and the held-out CE after 1, ``steps``//2 and ``steps`` real AdamW
+    steps (no weight decay, constant ``learning_rate``) on successive batches of ``train_blocks``.
+    A negative first-step number means the objective's first update lowers held-out CE.
+    """
+    import copy
+
+    import torch
+
+    def flat_grad():
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).clone()
+
+    def heldout_ce():
+        with torch.no_grad():
+            return float(model(heldout_blocks, labels=heldout_blocks).loss)
+
+    state0 = copy.deepcopy(model.state_dict())
+    model.zero_grad()
+    model(heldout_blocks, labels=heldout_blocks).loss.backward()
+    g_heldout = flat_grad()
+    result: dict = {"heldout_ce_start": heldout_ce(), "learning_rate": learning_rate, "steps": steps,
+                    "batch_size": batch_size, "block_size": int(train_blocks.shape[1]), "objectives": {}}
+    g_mle = None
+    checkpoints = sorted({1, max(1, steps // 2), steps})
+    for name, obj in objectives.items():
+        model.load_state_dict(state0)
+        obj.setup(model, tokenizer)
+        model.zero_grad()
+        first = train_blocks[:batch_size]
+        out = obj(model(first).logits, first)
+        out.loss.backward()
+        g = flat_grad()
+        g_mle = g if g_mle is None else g_mle
+        r = {"metrics": {k: float(v) for k, v in out.metrics.items()},
+             "param_cos_with_first": float(torch.nn.functional.cosine_similarity(g, g_mle, dim=0)),
+             "heldout_dce_first_step_per_lr": float(-(g_heldout * g.sign()).sum()),
+             "heldout_ce_after_steps": {}}
+        opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+        for step in range(1, steps + 1):
+            lo = ((step - 1) * batch_size) % max(1, len(train_blocks) - batch_size + 1)
+            xb = train_blocks[lo: lo + batch_size]
+            obj.on_step_begin(model, step - 1)
+            opt.zero_grad()
+            obj(model(xb).logits, xb).loss.backward()
+            opt.step()
+            if step in checkpoints:
+                r["heldout_ce_after_steps"][step] = heldout_ce()
+        result["objectives"][name] = r
+        logger.info("probe %s: cos %.3f, first-step dCE/lr %.1f, held-out CE %s", name, r["param_cos_with_first"],
+                    r["heldout_dce_first_step_per_lr"], r["heldout_ce_after_steps"])
+    model.load_state_dict(state0)
+    return result
+
+
+def run_probe(args, rows: list[Row], out: Path) -> dict:
+    """``--stage probe``: :func:`gradient_probe` of every calibrated row's objective (with its
+    overrides) on the base checkpoint, over the calibration set (train) and the validation text
+    (held out); the first row is the reference of the cosines (put ``mle`` first)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from emo_trainer.config import build_objective, load_config
+
+    torch.manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    if _cuda():
+        model = model.cuda()
+    objectives = {}
+    for row in rows:
+        if row.objective in ("none", "sequencematch"):
+            continue  # nothing to train / needs its own model surgery and sampler
+        cfg = load_config(args.config, calibration_overrides(args, row, out))
+        objectives[row.name] = build_objective(cfg.objective)
+    n = args.probe_steps * args.probe_batch_size + args.probe_batch_size
+    calib = (out / "calibration_set.txt").read_text(encoding="utf-8")
+    train = _packed_blocks(tokenizer, calib, args.block_size, n).to(model.device)
+    held = _packed_blocks(tokenizer, validation_file(args, out).read_text(encoding="utf-8"), args.block_size,
+                          args.probe_batch_size).to(model.device)
+    result = gradient_probe(model, objectives, train, held, learning_rate=args.learning_rate, steps=args.probe_steps,
+                            batch_size=args.probe_batch_size, tokenizer=tokenizer)
+    result["model"] = args.model
+    (out / "probe.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def calibrate(args, row: Row) -> dict:
+    """Calibrate one row's model (resumable: an interrupted run resumes from its last complete
+    checkpoint; a finished one, with ``final/config.json``, is not redone). Returns its info."""
+    out = Path(args.output_dir)
+    info: dict = {"objective": row.objective, "label": row.label, "overrides": list(row.overrides)}
+    if row.objective == "none":
+        info["model_dir"] = args.model
+        return info
+    from emo_trainer.cli import run
+    from emo_trainer.config import load_config
+    from emo_trainer.trainer import last_complete_checkpoint
+
+    model_dir = out / row.name / "final"
+    info["model_dir"] = str(model_dir)
+    info_path = out / row.name / "train_info.json"
+    if (model_dir / "config.json").is_file():
+        if info_path.is_file():
+            info.update(json.loads(info_path.read_text()))
+        return info
+    if args.stage == "evaluate":
+        raise FileNotFoundError(f"{row.name}: no calibrated model in {model_dir} (run with --stage calibrate or all first)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    cfg = load_config(args.config, calibration_overrides(args, row, out))
+    # an interrupted calibration resumes from its last complete checkpoint (a half-written
+    # later one is skipped); one that died before its first checkpoint starts over
+    resume = "true" if last_complete_checkpoint(out / row.name) else None
+    metrics = run(cfg, resume_from_checkpoint=resume, overwrite_output_dir=True)
+    info["train_metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    info["train_runtime"] = round(time.perf_counter() - t0, 1)
+    info_path.write_text(json.dumps({k: info[k] for k in ("train_metrics", "train_runtime")}, indent=2))
+    return info
+
+
+def run_one(args, row: Row) -> dict:
+    """Calibrate (unless 'none') and evaluate one row; resumable via <name>/eval.json."""
+    out = Path(args.output_dir)
+    res_path = out / row.name / "eval.json"
+    if res_path.is_file():
+        cached = json.loads(res_path.read_text())
+        current = cached.get("eval_settings") == evaluation_settings(args)
+        if current and args.stage == "score" and cached.get("mauve_pending"):
+            res_path.write_text(json.dumps(score_model(args, row.name, out), indent=2))
+            return json.loads(res_path.read_text())
+        if current or args.stage == "calibrate":
+            return cached
+        logger.info("%s: evaluated with other settings before; evaluating again", row.name)
+    if args.stage == "score":
+        raise FileNotFoundError(f"{row.name}: no evaluation to score in {res_path} (run --stage evaluate --no-mauve first)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    (out / row.name).mkdir(parents=True, exist_ok=True)
+    info = calibrate(args, row)
+    if args.stage == "calibrate":
+        return info
+    t1 = time.perf_counter()
+    info.update(evaluate_model(args, row.name, info["model_dir"], out))
+    info["eval_runtime"] = round(time.perf_counter() - t1, 1)
+    info["eval_settings"] = evaluation_settings(args)
+    if args.no_mauve:
+        info["mauve_pending"] = True
+    res_path.write_text(json.dumps(info, indent=2))
+    return info
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _fmt(v, std=None, digits=4) -> str:
+    if v is None:
+        return "–"
+    s = f"{v:.{digits}g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return f"{s} ± {std:.2g}" if std is not None else s
+
+
+def markdown(results: dict) -> str:
+    """One table per decoding setting (pure sampling first), perplexity in each."""
+    cols = [("perplexity", "test ppl ↓"), ("mauve", "MAUVE ↑"), ("diversity", "diversity"), ("rep_2", "rep-2"),
+            ("rep_3", "rep-3"), ("rep_4", "rep-4"), ("seq_rep_4", "seq-rep-4"), ("distinct_2", "distinct-2"),
+            ("mean_length", "words")]
+    names = [""] + [d["name"] for d in results["protocol"].get("decodings", [])]
+    parts = []
+    for dec in names:
+        key = (lambda k, dec=dec: k if k == "perplexity" or not dec else f"{dec}_{k}")
+        title = "pure sampling" if not dec else dec
+        lines = [f"**{title}**", "", "| model | " + " | ".join(c for _, c in cols) + " |", "|---|" + "---:|" * len(cols)]
+        for name, r in results["checkpoints"].items():
+            cells = [_fmt(r.get(key(k)), r.get(f"{key(k)}_std")) for k, _ in cols]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        ref = results["reference"]
+        cells = ["–", "–"] + [_fmt(ref.get(k)) for k, _ in cols[2:]]
+        lines.append("| human (reference continuations) | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["checkpoints"])
+    n_seeds = max((len(c.get("per_seed", [])) for c in results["checkpoints"].values()), default=0)
+    panels = [("perplexity", "test perplexity (log)"), ("mauve", f"MAUVE (± std, {n_seeds} seeds)"),
+              ("diversity", "diversity (human dashed)"), ("rep_2", "rep-2 (human dashed)"),
+              ("seq_rep_4", "seq-rep-4 (human dashed)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.8), constrained_layout=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, title) in zip(axes, panels):
+        vals = [results["checkpoints"][n].get(key) for n in names]
+        errs = [results["checkpoints"][n].get(f"{key}_std", 0.0) for n in names]
+        ax.bar(range(len(names)), [v if v is not None else 0 for v in vals], yerr=errs if any(errs) else None, capsize=3,
+               color=[colors[i % len(colors)] for i in range(len(names))])
+        if key in results["reference"]:
+            ax.axhline(results["reference"][key], color="black", linestyle="--", linewidth=1)
+        if key == "perplexity":
+            ax.set_yscale("log")
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_training(out: Path, rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), constrained_layout=True)
+    drawn = False
+    for row in rows:
+        state = out / row.name / "trainer_state.json"
+        if not state.is_file():
+            continue
+        hist = json.loads(state.read_text())["log_history"]
+        pts = [(h["step"], h["train/ce"] if "train/ce" in h else h.get("ce")) for h in hist]
+        pts = [(s, v) for s, v in pts if v is not None]
+        if not pts:
+            pts = [(h["step"], h["loss"]) for h in hist if "loss" in h]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=row.label)
+            drawn = True
+    ax.set_xlabel("step")
+    ax.set_ylabel("training CE (or loss)")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def collect(args, out: Path, sizing: dict) -> dict:
+    from emo_trainer.evaluation.metrics.repetition import repetition_metrics
+
+    prompts = prompts_of(args)
+    results = {
+        "protocol": {"model": args.model, "featurizer": args.featurizer or args.model, "test_file": args.test_file,
+                     "detokenized_test": args.detokenize != "none" and not args.no_detokenize_test,
+                     "eval": dataclasses.asdict(eval_config(args)), "num_prompts_built": len(prompts),
+                     "decodings": [dataclasses.asdict(d) for d in eval_config(args).decoding_settings()[1:]], **sizing},
+        "reference": repetition_metrics([p.reference for p in prompts]),
+        "checkpoints": {},
+        "missing": [],
+    }
+    for row in rows_of(args):
+        path = out / row.name / "eval.json"
+        if path.is_file() and json.loads(path.read_text()).get("eval_settings") == evaluation_settings(args):
+            results["checkpoints"][row.label] = json.loads(path.read_text())
+        else:
+            results["missing"].append(row.name)
+    return results
+
+
+def write_outputs(args, out: Path, results: dict) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown(results))
+    if results["checkpoints"]:
+        plot(results, out / "results.png")
+    plot_training(out, [r for r in rows_of(args) if r.objective != "none"], out / "train_loss.png")
+    # the comparison reads the scripts/evaluate.py layout, where the human values are ``ref_*`` keys.
+    compat = {**results, "reference": {f"ref_{k}": v for k, v in results["reference"].items()}}
+    (out / "compare_input.json").write_text(json.dumps(compat))
+    from emo_trainer.evaluation.compare import main as compare
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            compare([str(out / "compare_input.json"), "--output-dir", str(out)])
+    except Exception as e:  # noqa: BLE001 - the comparison table is a by-product: never lose the study's results to it
+        logger.warning("compare.md not written: %s", e)
+    if args.docs_dir:
+        import shutil
+
+        docs = Path(args.docs_dir)
+        docs.mkdir(parents=True, exist_ok=True)
+        slim = {k: v for k, v in results.items()}
+        slim["checkpoints"] = {n: {k: v for k, v in r.items() if k != "train_metrics"}
+                               for n, r in results["checkpoints"].items()}
+        (docs / "results.json").write_text(json.dumps(slim, indent=2))
+        for name in ("results.md", "results.png", "train_loss.png", "compare.md"):
+            if (out / name).is_file():
+                shutil.copy(out / name, docs / name)
+
+
+def sizing_of(args, num_sentences: int) -> dict:
+    return {"calibration_sentences": num_sentences, "learning_rate": args.learning_rate,
+            "block_size": args.block_size, "batch_size": args.batch_size, "seed": args.seed,
+            "ppl_blocks": args.ppl_blocks, "overrides": args.set, "command": " ".join(sys.argv)}
+
+
+#: Arguments that do not change any result: a study may be resumed with other values of these.
+_EXECUTION_ARGS = ("objectives", "output_dir", "jobs", "threads", "docs_dir", "report_only", "stage", "no_mauve",
+                   "probe_steps", "probe_batch_size")
+
+
+#: Arguments that make the calibrated models: a study directory is never resumed with other values.
+_CALIBRATION_ARGS = ("config", "model", "train_file", "valid_file", "detokenize", "sentences", "learning_rate",
+                     "block_size", "batch_size", "seed", "set")
+
+
+def evaluation_settings(args) -> dict:
+    """The arguments that change an evaluation (not a calibration): a model evaluated with other
+    values is evaluated again, its calibration kept."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in _EXECUTION_ARGS and k not in _CALIBRATION_ARGS}
+
+
+def check_settings(args, out: Path) -> str | None:
+    """A study directory is resumed only with the calibration settings it was made with
+    (``study_settings.json``): models made differently would otherwise be mixed.  Evaluation
+    settings may change (each ``eval.json`` records its own; a stale one is redone).
+    Returns an error message, or None (and records the settings of a new study)."""
+    settings = {k: v for k, v in sorted(vars(args).items()) if k in _CALIBRATION_ARGS}
+    path = out / "study_settings.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = [f"--{k.replace('_', '-')} {before.get(k)!r} → {v!r}" for k, v in settings.items() if before.get(k) != v]
+        if changed:
+            return (f"--output-dir {out} holds a study made with other settings ({'; '.join(changed)}): its cached "
+                    f"models would be mixed with new ones; use another --output-dir, or delete it to start over")
+        return None
+    path.write_text(json.dumps(settings, indent=2))
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # "Could not load ... AVX2": harmless
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if args.report_only:
+        sents = (out / "calibration_set.txt").read_text(encoding="utf-8").splitlines()
+        results = collect(args, out, sizing_of(args, len(sents)))
+        write_outputs(args, out, results)
+        print(markdown(results))
+        return 0
+    try:
+        rows = rows_of(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    problem = check_settings(args, out)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    # the detokenized validation copy first: building the calibration set loads the config, which
+    # checks that data.validation_files exists (a fresh --output-dir had none: issue 14)
+    validation_file(args, out, write=True)
+    sents = build_calibration_set(args, out)
+    logger.info("calibration set: %d sentences in %s", len(sents), out / "calibration_set.txt")
+    if args.stage == "probe":
+        print(json.dumps(run_probe(args, rows, out), indent=2))
+        return 0
+    if args.stage != "calibrate" and not (args.no_mauve and args.stage != "score"):
+        prompts = prompts_of(args)
+        reference_features(args, out, prompts)
+        logger.info("reference features of %d prompts cached in %s", len(prompts), out / "reference_features.npy")
+    sizing = sizing_of(args, len(sents))
+    failed = {}
+    if args.jobs > 1:
+        with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(run_one, args, row): row.name for row in rows}
+            for fut in cf.as_completed(futures):
+                obj = futures[fut]
+                try:
+                    fut.result()
+                    logger.info("done: %s (%.0f s since start)", obj, time.perf_counter() - start)
+                except Exception as e:  # one failing objective must not lose the others
+                    failed[obj] = f"{type(e).__name__}: {e}"
+                    logger.exception("failed: %s", obj)
+                write_outputs(args, out, collect(args, out, sizing))
+    else:
+        for row in rows:
+            obj = row.name
+            try:
+                run_one(args, row)
+            except Exception as e:
+                failed[obj] = f"{type(e).__name__}: {e}"
+                logger.exception("failed: %s", obj)
+            write_outputs(args, out, collect(args, out, sizing))
+    results = collect(args, out, sizing)
+    results["failed"] = failed
+    results["wall_seconds"] = round(time.perf_counter() - start, 1)
+    write_outputs(args, out, results)
+    print(markdown(results))
+    return 1 if failed else 0
+
+
