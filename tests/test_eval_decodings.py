@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from emo_trainer.evaluation.config import Decoding, EvalConfig
-from emo_trainer.evaluation.generation import generate_continuations
-from emo_trainer.evaluation.metrics.repetition import repetition_metrics
-from emo_trainer.evaluation.prompts import build_prompts
 from eval_helpers import documents, tiny_gpt2, tiny_tokenizer
 
 from emo_trainer.config import ConfigError, build_section, validate_eval
 from emo_trainer.evaluation.callback import GenerationEvalCallback
+from emo_trainer.evaluation.config import Decoding, EvalConfig
+from emo_trainer.evaluation.generation import generate_continuations
+from emo_trainer.evaluation.metrics.repetition import repetition_metrics
+from emo_trainer.evaluation.prompts import build_prompts
 
 FAST = {"prompt_words": 8, "continuation_words": 24, "max_new_tokens": 8, "batch_size": 32,
         "mauve_featurizer": "hashing", "mauve_kmeans_num_redo": 1, "mauve_kmeans_max_iter": 50}

@@ -1,10 +1,8 @@
 """emo_trainer.benchmarks.gpu_verify (benchmarks/gpu_verify.py) without a GPU: the pass/fail judges on fake measurements, the merge that keeps
 earlier checks with their dates, the JSON/Markdown writer, and the call plan's budget."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
