@@ -137,7 +137,8 @@ class EmoObjective(Objective):
             2 = sg(D/(CE+ε))·CE + D (the authors' continual pre-training setting).
         ratio_cap: upper bound of the mode-1 weight w (default 3.0; ``None`` = uncapped).
             Uncapped mode 1 can collapse a model under a strong distribution shift.
-            Mode 2's ratio D/CE is ≤ 2 by construction, so the cap does not apply to it.
+            Mode 2's ratio D/CE is ≤ 2 by construction, so the cap does not apply to it — but mode 2 leaves
+            the transport term uncapped relative to CE (docs/calibration.md, "When EMO calibration helps").
         eps: ε of the ratios, at least 1e-6 (smaller values give NaN in bf16 when D ≈ 0).
         transport_dtype: dtype of the two (n×V)(V×d_c) transport products: ``"auto"``
             (default: the logits' dtype when the model computes them in bf16/fp16 — bf16
