@@ -1,4 +1,5 @@
-"""Training objectives: MLE, EMO, MixCE, MiLe and SequenceMatch-χ².
+"""Training objectives: MLE, EMO, MixCE, MiLe and SequenceMatch-χ², and the ecosystem's
+token-weighted objectives DFT, TaiLr, focal and EAFT (docs/objectives.md).
 
 Usable without the Trainer::
 
@@ -14,7 +15,7 @@ from .registry import ObjectiveError, available, get_objective, objective_class,
 # Importing the modules registers the objectives.
 from . import mle  # noqa: E402,F401
 
-for _optional in ("emo", "mixce", "mile", "sequencematch"):
+for _optional in ("emo", "mixce", "mile", "sequencematch", "dft", "tailr", "focal", "eaft"):
     try:
         __import__(f"{__name__}.{_optional}")
     except ModuleNotFoundError as _e:  # not written yet: stays in registry.PLANNED

@@ -45,7 +45,7 @@ MIN_BLOCKS = 8
 #: ... but no block below this many elements (small blocks only add per-op overhead).
 MIN_BLOCK_ELEMENTS = 1 << 20
 
-__all__ = ["DEFAULT_BLOCK_ELEMENTS", "row_stats_cache", "self_costs", "softmax_stats"]
+__all__ = ["DEFAULT_BLOCK_ELEMENTS", "finite_logit_mean", "row_stats_cache", "self_costs", "softmax_stats"]
 
 
 class _RowStatsCache(threading.local):
@@ -104,7 +104,9 @@ LOG_FLOOR = -1e4
 
 
 class _SoftmaxStats(torch.autograd.Function):
-    """(CE, H, D_clamped) of each row of ``logits``; H and D only when asked for (else empty)."""
+    """(CE, H, D_clamped, lse) of each row of ``logits``; H and D only when asked for (else empty).
+
+    lse = logsumexp(z) is differentiable too (∂lse/∂z_k = q_k: the z-loss of ``mle``)."""
 
     @staticmethod
     def forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements):
@@ -172,18 +174,18 @@ class _SoftmaxStats(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         # D ≥ 0 in exact arithmetic; rounding can leave about −1e-8 when q sits on y.  A
         # negative loss is a known EMO pitfall, so D is clamped (its gradient is 0 there).
-        return ce, entropy, demd_raw.clamp_min(0.0)
+        return ce, entropy, demd_raw.clamp_min(0.0), lse.clone()
 
     @staticmethod
-    def backward(ctx, g_ce, g_entropy, g_demd):
-        if not ctx.needs_input_grad[0] or (g_ce is None and g_entropy is None and g_demd is None):
+    def backward(ctx, g_ce, g_entropy, g_demd, g_lse=None):
+        if not ctx.needs_input_grad[0] or (g_ce is None and g_entropy is None and g_demd is None and g_lse is None):
             return (None,) * 6
-        device = next(g.device for g in (g_ce, g_entropy, g_demd) if g is not None)
+        device = next(g.device for g in (g_ce, g_entropy, g_demd, g_lse) if g is not None)
         with _no_autocast(device):
-            return _SoftmaxStats._backward(ctx, g_ce, g_entropy, g_demd)
+            return _SoftmaxStats._backward(ctx, g_ce, g_entropy, g_demd, g_lse)
 
     @staticmethod
-    def _backward(ctx, g_ce, g_entropy, g_demd):
+    def _backward(ctx, g_ce, g_entropy, g_demd, g_lse=None):
         logits, targets, lse, entropy, demd_raw = ctx.saved_tensors
         cost = ctx.cost
         n, vocab = logits.shape
@@ -195,7 +197,7 @@ class _SoftmaxStats(torch.autograd.Function):
         if g_demd is not None:
             g_demd = torch.where(demd_raw >= 0, g_demd, torch.zeros_like(g_demd))  # clamp_min's gradient
         if triton_stats.usable(logits):
-            grad = _backward_triton(ctx, logits, targets, lse, entropy, demd_raw, g_ce, g_entropy, g_demd)
+            grad = _backward_triton(ctx, logits, targets, lse, entropy, demd_raw, g_ce, g_entropy, g_demd, g_lse)
             return grad, None, None, None, None, None
         grad = torch.empty_like(logits)
         for sl in _blocks(n, vocab, ctx.block_elements):
@@ -204,6 +206,15 @@ class _SoftmaxStats(torch.autograd.Function):
             #   w_k = g_ce + g_D·(1 − D − s_k) − g_H·(log q_k + H),   s_k = ê_k·ê_y.
             u = torch.sub(logits[sl], lse[sl].unsqueeze(1))  # log q, in the compute dtype
             gc = None if g_ce is None else g_ce[sl].to(ct).unsqueeze(1)
+            gl = None if g_lse is None else g_lse[sl].to(ct).unsqueeze(1)  # ∂lse/∂z = q: adds to every q_k
+            if g_entropy is None and g_demd is None and gl is not None:
+                # CE and/or lse (MLE's z-loss, label smoothing): q·(g_ce + g_lse) − g_ce·1[k = y]
+                q = u.exp_().mul_(gl if gc is None else gc + gl)
+                if gc is not None:
+                    q.scatter_add_(1, y, -gc)
+                grad[sl] = q
+                del u, q
+                continue
             if g_entropy is None and g_demd is None:
                 # CE only (MLE, MixCE, MiLe): g·(q − onehot), the product written in the logits' dtype.
                 q = u.exp_()
@@ -212,6 +223,8 @@ class _SoftmaxStats(torch.autograd.Function):
                 del u, q
                 continue
             a = torch.zeros_like(lse[sl]).unsqueeze(1) if gc is None else gc
+            if gl is not None:
+                a = a + gl
             w = None
             if g_entropy is not None:
                 gh = g_entropy[sl].to(ct).unsqueeze(1)
@@ -288,22 +301,27 @@ def _forward_triton(logits, targets, cost, self_cost, want_entropy, block_elemen
     return lse, ce, entropy, demd_raw
 
 
-def _backward_triton(ctx, logits, targets, lse, entropy, demd_raw, g_ce, g_entropy, g_demd):
+def _backward_triton(ctx, logits, targets, lse, entropy, demd_raw, g_ce, g_entropy, g_demd, g_lse=None):
     """``_SoftmaxStats`` backward with the Triton kernel: one read of the logits, one write of the gradient."""
     n, vocab = logits.shape
     f32 = torch.float32
     grad = torch.empty_like(logits)
     gce = None if g_ce is None else g_ce.to(f32).contiguous()
     gh = None if g_entropy is None else g_entropy.to(f32).contiguous()
-    if g_demd is None:  # CE and/or entropy: no temporaries, one launch
+    gl = None if g_lse is None else g_lse.to(f32)
+    if g_demd is None:  # CE and/or entropy (and/or lse): no temporaries, one launch
         a = None
-        if gh is not None:
+        if gh is not None or gl is not None:
             a = gce if gce is not None else torch.zeros_like(lse)
+            if gl is not None:
+                a = a + gl
         return triton_stats.row_grad(logits, targets, lse, grad, g_ce=gce, a=a, g_h=gh,
                                      entropy=entropy if gh is not None else None)
     cost = ctx.cost
     gd = g_demd.to(f32)
     a = (gce if gce is not None else torch.zeros_like(lse)) + gd * (1.0 - demd_raw)
+    if gl is not None:
+        a = a + gl
     s_gold = 1.0 - ctx.self_cost[targets]  # ê_y·ê_y, as the forward pass used it
     cost_pad = _padded_cost(cost)
     for sl in _blocks(n, vocab, ctx.block_elements):  # s (rows×V) is the one temporary
@@ -333,8 +351,9 @@ def softmax_stats(
     cost: torch.Tensor | None = None,
     self_cost: torch.Tensor | None = None,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    lse: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Per-row ``ce`` (and ``entropy``, ``demd``) of ``logits`` (n, V) for ``targets`` (n,).
+    """Per-row ``ce`` (and ``entropy``, ``demd``, ``lse``) of ``logits`` (n, V) for ``targets`` (n,).
 
     Args:
         logits: (n, V) in any float dtype; the math runs in fp32 (float64 stays float64),
@@ -349,6 +368,7 @@ def softmax_stats(
             all-zero row); computed from ``cost`` when omitted.
         block_elements: rows are processed in blocks of at most this many elements (and in at
             least ``MIN_BLOCKS`` blocks when the logits are larger than ``MIN_BLOCK_ELEMENTS`` of them).
+        lse: also return ``lse`` = logsumexp(z_i), differentiable (∂/∂z_k = q_k), from the same pass.
     """
     if logits.dim() != 2:
         raise ValueError(f"softmax_stats expects (n, V) logits, got shape {tuple(logits.shape)}")
@@ -359,10 +379,60 @@ def softmax_stats(
         if self_cost is None:
             self_cost = self_costs(cost)
         self_cost = self_cost.to(ct)
-    ce, ent, demd = _SoftmaxStats.apply(logits, targets, cost, self_cost, bool(entropy), int(block_elements))
+    ce, ent, demd, lse_out = _SoftmaxStats.apply(logits, targets, cost, self_cost, bool(entropy), int(block_elements))
     out = {"ce": ce}
+    if lse:
+        out["lse"] = lse_out
     if entropy:
         out["entropy"] = ent
     if cost is not None:
         out["demd"] = demd
     return out
+
+
+class _FiniteLogitMean(torch.autograd.Function):
+    """mean_{v: z_v > −∞} z_v of each row, in blocks (fp32 math; nothing of N×V kept but the logits).
+
+    ∂/∂z_k = 1[z_k > −∞] / |{v: z_v > −∞}|.  A −∞ logit is a masked column (not a possible
+    token): it is left out of the mean, where ``torch.nn.functional.cross_entropy``'s label
+    smoothing would make the loss +∞.  An all −∞ row gives nan (as its cross-entropy does)."""
+
+    @staticmethod
+    def forward(ctx, logits, block_elements):
+        n, vocab = logits.shape
+        ct = _compute_dtype(logits.dtype)
+        total = torch.empty(n, dtype=ct, device=logits.device)
+        count = torch.empty(n, dtype=ct, device=logits.device)
+        with _no_autocast(logits.device):
+            for sl in _blocks(n, vocab, block_elements):
+                z = logits[sl].to(ct)
+                keep = z > float("-inf")
+                total[sl] = torch.where(keep, z, torch.zeros((), dtype=ct, device=z.device)).sum(-1)
+                count[sl] = keep.sum(-1).to(ct)
+        ctx.save_for_backward(logits, count)
+        ctx.block_elements = block_elements
+        return total / count
+
+    @staticmethod
+    def backward(ctx, g):
+        if g is None or not ctx.needs_input_grad[0]:
+            return None, None
+        logits, count = ctx.saved_tensors
+        n, vocab = logits.shape
+        grad = torch.empty_like(logits)
+        scale = (g.to(count.dtype) / count).unsqueeze(1)
+        with _no_autocast(logits.device):
+            for sl in _blocks(n, vocab, ctx.block_elements):
+                keep = logits[sl] > float("-inf")
+                grad[sl] = torch.where(keep, scale[sl], torch.zeros((), dtype=scale.dtype, device=scale.device))
+        return grad, None
+
+
+def finite_logit_mean(logits: torch.Tensor, block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> torch.Tensor:
+    """(n,) mean of each row's finite logits, differentiable (label smoothing's mean_v z_v; see
+    :class:`_FiniteLogitMean`).  The math runs in fp32 (float64 stays float64); the gradient
+    comes back in the logits' dtype.  One extra read of the logits forward and backward (not in
+    the Triton kernels)."""
+    if logits.dim() != 2:
+        raise ValueError(f"finite_logit_mean expects (n, V) logits, got shape {tuple(logits.shape)}")
+    return _FiniteLogitMean.apply(logits, int(block_elements))

@@ -10,7 +10,7 @@ from .base import Objective
 _REGISTRY: dict[str, type[Objective]] = {}
 
 #: Objectives the project plans but that are not importable yet (clear error, never a fallback).
-PLANNED: set[str] = {"emo", "mixce", "mile", "sequencematch"}
+PLANNED: set[str] = {"emo", "mixce", "mile", "sequencematch", "dft", "tailr", "focal", "eaft"}
 
 
 class ObjectiveError(ValueError):

@@ -105,7 +105,7 @@ def _row_stats_kernel(
 
 def _row_grad_kernel(
     Z, stride_z, Y, LSE, GCE, A, GD, GH, ENT, S, stride_s, SGOLD, G, stride_g, V: tl.constexpr,
-    HAS_CE: tl.constexpr, HAS_D: tl.constexpr, HAS_H: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_CE: tl.constexpr, HAS_D: tl.constexpr, HAS_H: tl.constexpr, BLOCK: tl.constexpr, HAS_A: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride_z
@@ -114,7 +114,7 @@ def _row_grad_kernel(
     lse = tl.load(LSE + row)
     offs = tl.arange(0, BLOCK)
     gce = tl.load(GCE + row) if HAS_CE else 0.0
-    if HAS_D or HAS_H:
+    if HAS_D or HAS_H or HAS_A:  # HAS_A alone: a = g_CE + g_lse (MLE's z-loss / label smoothing)
         a = tl.load(A + row)
     else:
         a = gce
@@ -228,7 +228,7 @@ def row_grad(
     """Write ∂/∂z of the statistics into ``out`` (n, V, the logits' dtype); see the module docstring.
 
     All per-row vectors are fp32 (n,): ``g_ce`` (None: no CE term), ``a`` = g_CE + g_D·(1 − D)
-    (needed with ``g_d`` or ``g_h``), ``g_d`` with ``s`` (n, V: ê_y·ê_k) and ``s_gold``
+    (+ g_lse, the gradient of logsumexp; needed with ``g_d`` or ``g_h``, and alone it adds g_lse·q), ``g_d`` with ``s`` (n, V: ê_y·ê_k) and ``s_gold``
     (the value used at the gold column), ``g_h`` with ``entropy``.
     """
     n, vocab = logits.shape
@@ -252,7 +252,7 @@ def row_grad(
             dummy if g_d is None else g_d, dummy if g_h is None else g_h, dummy if entropy is None else entropy,
             dummy if s is None else s, s.stride(0) if has_d else 0, dummy if s_gold is None else s_gold,
             out, out.stride(0), vocab,
-            HAS_CE=g_ce is not None, HAS_D=has_d, HAS_H=has_h, BLOCK=block, num_warps=warps,
+            HAS_CE=g_ce is not None, HAS_D=has_d, HAS_H=has_h, BLOCK=block, num_warps=warps, HAS_A=a is not None,
         )
     _state["worked"] = True
     return out
