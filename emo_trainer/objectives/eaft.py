@@ -17,9 +17,10 @@ Options:
         uses 1.0 — set ``normalizer: 1.0`` to match it).
 
 Diagnostics: ``ce`` (plain CE), ``weight`` (mean w), ``topk_entropy`` (mean H^k).
-Cost: MLE's fused CE plus one top-k selection per row (``torch.topk``, no full sort; no gradient,
-nothing kept for backward).  On the chunked path the top-k is recomputed with each chunk in the
-backward pass.  See docs/objectives.md.
+Cost: MLE's fused CE plus one top-k selection per row, without gradient and keeping nothing for
+backward: on GPUs a Triton kernel (``triton_topk.py``: one read of the row, running top-k merged
+block by block, no sort of the row), elsewhere ``torch.topk`` (a selection, not a sort).  On the
+chunked path the top-k is recomputed with each chunk in the backward pass.  See docs/objectives.md.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 
+from . import triton_topk
 from .base import masked_mean
 from .fused import DEFAULT_BLOCK_ELEMENTS, LOG_FLOOR, _blocks, _no_autocast, softmax_stats
 from .registry import register
@@ -43,6 +45,10 @@ def topk_entropy(logits: torch.Tensor, k: int, block_elements: int = DEFAULT_BLO
     """
     n, vocab = logits.shape
     k = min(int(k), vocab)
+    if triton_topk.usable(logits):  # GPUs: one read of the row, no sort (triton_topk.py)
+        out = triton_topk.topk_entropy(logits.detach(), k)
+        if out is not None:
+            return out
     ct = torch.float64 if logits.dtype == torch.float64 else torch.float32
     out = torch.empty(n, dtype=ct, device=logits.device)
     with torch.no_grad(), _no_autocast(logits.device):
