@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 logger = logging.getLogger("emo_trainer.calibration_study")
 
 LABELS = {"none": "no calibration", "mle": "MLE", "emo": "EMO", "mixce": "MixCE", "mile": "MiLe",
-          "sequencematch": "SequenceMatch"}
+          "sequencematch": "SequenceMatch", "dft": "DFT", "tailr": "TaiLr", "focal": "focal", "eaft": "EAFT"}
 METRICS = ["perplexity", "mauve", "diversity", "rep_2", "rep_3", "rep_4", "seq_rep_4", "distinct_2", "mean_length"]
 
 
@@ -69,7 +69,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-file", default=f"{SHARED}/data/wikitext-2-raw/wiki.test.raw", help="test documents")
     p.add_argument("--detokenize", default="wikitext", help="data.detokenize for the calibration text ('none' = off)")
     p.add_argument("--no-detokenize-test", action="store_true", help="evaluate on the test text exactly as in the file")
-    p.add_argument("--objectives", nargs="+", default=["none", "mle", "emo", "mixce", "mile", "sequencematch"],
+    p.add_argument("--objectives", nargs="+",
+                   default=["none", "mle", "emo", "mixce", "mile", "sequencematch", "dft", "tailr", "focal", "eaft"],
                    help="'none' = the uncalibrated checkpoint; the rest are objective names")
     p.add_argument("--output-dir", default="runs/study")
     # calibration

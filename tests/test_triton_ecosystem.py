@@ -1,8 +1,8 @@
 """Triton kernels for the ecosystem's objectives (issue 17), run with Triton's CPU interpreter:
 
-* logsumexp as a differentiable statistic of ``softmax_stats`` (``mle``'s z-loss and label
-  smoothing): its gradient q·g_lse folded into the one backward kernel (``HAS_A``), alone, with
-  CE, and with the entropy;
+* logsumexp and the mean of the finite logits as differentiable statistics of ``softmax_stats``
+  (``mle``'s z-loss and label smoothing): their gradients folded into the one backward kernel
+  (``HAS_A``, ``HAS_M``), alone, with CE, and with the entropy;
 * EAFT's top-k entropy kernel (``triton_topk.py``: running top-k, no sort of the row) against a
   full sort, with −∞ columns and k ≥ V, and its fallback to ``torch.topk``;
 * ``ObjectiveTrainer`` on both loss paths: the kernels give the PyTorch code's loss and gradients.
@@ -51,25 +51,28 @@ def interpret(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("keys", [("lse",), ("ce", "lse"), ("ce", "entropy", "lse")], ids="+".join)
+@pytest.mark.parametrize("keys", [("lse",), ("ce", "lse"), ("ce", "entropy", "lse"), ("logit_mean",),
+                                  ("ce", "lse", "logit_mean"), ("ce", "entropy", "logit_mean")], ids="+".join)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)], ids=str)
-def test_lse_value_and_gradient_in_the_kernels(interpret, keys, dtype, tol):
+def test_lse_and_logit_mean_value_and_gradient_in_the_kernels(interpret, keys, dtype, tol):
     g = torch.Generator().manual_seed(0)
     z64 = torch.randn(7, 300, generator=g, dtype=torch.float64) * 3
     z64[1, 5:40] = float("-inf")
     y = torch.randint(0, 300, (7,), generator=g)
     z = z64.to(dtype).requires_grad_(True)
-    got = softmax_stats(z, y, entropy="entropy" in keys, lse=True)
+    got = softmax_stats(z, y, entropy="entropy" in keys, lse=True, logit_mean=True)
     ref_z = z.detach().double().requires_grad_(True)
     logp = torch.log_softmax(ref_z, -1)
     p = logp.exp()
     ref = {"lse": torch.logsumexp(ref_z, -1), "ce": -logp.gather(1, y[:, None]).squeeze(1),
            "entropy": -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)}
+    finite = torch.isfinite(ref_z)
+    ref["logit_mean"] = torch.where(finite, ref_z, torch.zeros_like(ref_z)).sum(-1) / finite.sum(-1)
     weights = {k: torch.randn(7, generator=g, dtype=torch.float64) for k in keys}
     (grad,) = torch.autograd.grad(sum((got[k] * weights[k].float()).sum() for k in keys), z)
     (grad_ref,) = torch.autograd.grad(sum((ref[k] * weights[k]).sum() for k in keys), ref_z)
     assert interpret["grad"] == 1 and grad.dtype == dtype
-    assert rel_err(got["lse"], ref["lse"]) < 1e-6
+    assert rel_err(got["lse"], ref["lse"]) < 1e-6 and rel_err(got["logit_mean"], ref["logit_mean"]) < 1e-6
     assert rel_err(grad, grad_ref) < tol
     assert float(grad[1, 5:40].abs().max()) == 0.0
 

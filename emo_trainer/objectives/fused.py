@@ -45,7 +45,7 @@ MIN_BLOCKS = 8
 #: ... but no block below this many elements (small blocks only add per-op overhead).
 MIN_BLOCK_ELEMENTS = 1 << 20
 
-__all__ = ["DEFAULT_BLOCK_ELEMENTS", "finite_logit_mean", "row_stats_cache", "self_costs", "softmax_stats"]
+__all__ = ["DEFAULT_BLOCK_ELEMENTS", "row_stats_cache", "self_costs", "softmax_stats"]
 
 
 class _RowStatsCache(threading.local):
@@ -104,21 +104,27 @@ LOG_FLOOR = -1e4
 
 
 class _SoftmaxStats(torch.autograd.Function):
-    """(CE, H, D_clamped, lse) of each row of ``logits``; H and D only when asked for (else empty).
+    """(CE, H, D_clamped, lse, z̄) of each row of ``logits``; H, D and z̄ only when asked for (else empty).
 
-    lse = logsumexp(z) is differentiable too (∂lse/∂z_k = q_k: the z-loss of ``mle``)."""
+    lse = logsumexp(z) is differentiable too (∂lse/∂z_k = q_k: ``mle``'s z-loss and label
+    smoothing), and so is z̄ = mean of the row's finite logits (∂z̄/∂z_k = 1[z_k > −∞]/|finite|:
+    label smoothing's mean_v −log q_v = lse − z̄; its gradient goes into the same backward pass)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements):
+    def forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements, want_mean=False):
         with _no_autocast(logits.device):
-            return _SoftmaxStats._forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements)
+            out = _SoftmaxStats._forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements, want_mean)
+        return out
 
     @staticmethod
-    def _forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements):
+    def _forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements, want_mean=False):
         n, vocab = logits.shape
         ct = _compute_dtype(logits.dtype)
         want_demd = cost is not None
         key = (n, vocab, logits.dtype, bool(want_entropy), want_demd)
+        ctx.mean = None
+        if want_mean:  # one blocked pass of its own (forward only: its gradient joins the backward pass below)
+            ctx.mean = _finite_mean(logits, block_elements, ct)
         if _cache.mode == "replay" and _cache.pos < len(_cache.items) and _cache.items[_cache.pos][0] == key:
             lse, ce, entropy, demd_raw = (t.clone() for t in _cache.items[_cache.pos][1:])
             _cache.pos += 1
@@ -169,24 +175,29 @@ class _SoftmaxStats(torch.autograd.Function):
 
     @staticmethod
     def _finish(ctx, logits, targets, cost, self_cost, block_elements, lse, ce, entropy, demd_raw):
-        ctx.save_for_backward(logits, targets, lse, entropy, demd_raw)
+        mean, count = ctx.mean if ctx.mean is not None else (lse.new_empty(0), lse.new_empty(0))
+        ctx.mean = None
+        ctx.save_for_backward(logits, targets, lse, entropy, demd_raw, count)
         ctx.cost, ctx.self_cost, ctx.block_elements = cost, self_cost, block_elements
         ctx.set_materialize_grads(False)
         # D ≥ 0 in exact arithmetic; rounding can leave about −1e-8 when q sits on y.  A
         # negative loss is a known EMO pitfall, so D is clamped (its gradient is 0 there).
-        return ce, entropy, demd_raw.clamp_min(0.0), lse.clone()
+        return ce, entropy, demd_raw.clamp_min(0.0), lse.clone(), mean
 
     @staticmethod
-    def backward(ctx, g_ce, g_entropy, g_demd, g_lse=None):
-        if not ctx.needs_input_grad[0] or (g_ce is None and g_entropy is None and g_demd is None and g_lse is None):
-            return (None,) * 6
-        device = next(g.device for g in (g_ce, g_entropy, g_demd, g_lse) if g is not None)
+    def backward(ctx, g_ce, g_entropy, g_demd, g_lse=None, g_mean=None):
+        grads = (g_ce, g_entropy, g_demd, g_lse, g_mean)
+        if not ctx.needs_input_grad[0] or all(g is None for g in grads):
+            return (None,) * 7
+        device = next(g.device for g in grads if g is not None)
         with _no_autocast(device):
-            return _SoftmaxStats._backward(ctx, g_ce, g_entropy, g_demd, g_lse)
+            return _SoftmaxStats._backward(ctx, g_ce, g_entropy, g_demd, g_lse, g_mean) + (None,)
 
     @staticmethod
-    def _backward(ctx, g_ce, g_entropy, g_demd, g_lse=None):
-        logits, targets, lse, entropy, demd_raw = ctx.saved_tensors
+    def _backward(ctx, g_ce, g_entropy, g_demd, g_lse=None, g_mean=None):
+        logits, targets, lse, entropy, demd_raw, count = ctx.saved_tensors
+        # z̄'s gradient: g_mean/|finite| added at every finite column of the row
+        g_col = None if g_mean is None or count.numel() == 0 else (g_mean.to(lse.dtype) / count)
         cost = ctx.cost
         n, vocab = logits.shape
         ct = lse.dtype
@@ -197,7 +208,7 @@ class _SoftmaxStats(torch.autograd.Function):
         if g_demd is not None:
             g_demd = torch.where(demd_raw >= 0, g_demd, torch.zeros_like(g_demd))  # clamp_min's gradient
         if triton_stats.usable(logits):
-            grad = _backward_triton(ctx, logits, targets, lse, entropy, demd_raw, g_ce, g_entropy, g_demd, g_lse)
+            grad = _backward_triton(ctx, logits, targets, lse, entropy, demd_raw, g_ce, g_entropy, g_demd, g_lse, g_col)
             return grad, None, None, None, None, None
         grad = torch.empty_like(logits)
         for sl in _blocks(n, vocab, ctx.block_elements):
@@ -207,11 +218,15 @@ class _SoftmaxStats(torch.autograd.Function):
             u = torch.sub(logits[sl], lse[sl].unsqueeze(1))  # log q, in the compute dtype
             gc = None if g_ce is None else g_ce[sl].to(ct).unsqueeze(1)
             gl = None if g_lse is None else g_lse[sl].to(ct).unsqueeze(1)  # ∂lse/∂z = q: adds to every q_k
-            if g_entropy is None and g_demd is None and gl is not None:
-                # CE and/or lse (MLE's z-loss, label smoothing): q·(g_ce + g_lse) − g_ce·1[k = y]
-                q = u.exp_().mul_(gl if gc is None else gc + gl)
+            if g_entropy is None and g_demd is None and (gl is not None or g_col is not None):
+                # CE, lse and/or z̄ (MLE's z-loss, label smoothing): q·(g_ce + g_lse) − g_ce·1[k = y] + z̄'s term
+                q = u.exp_()
+                coef = gl if gc is None else (gc if gl is None else gc + gl)
+                q.mul_(coef) if coef is not None else q.zero_()
                 if gc is not None:
                     q.scatter_add_(1, y, -gc)
+                if g_col is not None:
+                    q.add_(torch.where(logits[sl] > float("-inf"), g_col[sl].unsqueeze(1), 0.0))
                 grad[sl] = q
                 del u, q
                 continue
@@ -246,9 +261,25 @@ class _SoftmaxStats(torch.autograd.Function):
             q = u.exp_().mul_(w)
             if gc is not None:
                 q.scatter_add_(1, y, -gc)
+            if g_col is not None:
+                q.add_(torch.where(logits[sl] > float("-inf"), g_col[sl].unsqueeze(1), 0.0))
             grad[sl] = q  # cast to the logits' dtype on copy
             del u, q, w
         return grad, None, None, None, None, None
+
+
+def _finite_mean(logits: torch.Tensor, block_elements: int, ct: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean of the finite logits, their count) per row, in blocks.  A −∞ logit is a masked column
+    (not a possible token): left out.  An all −∞ row gives nan, as its cross-entropy does."""
+    n, vocab = logits.shape
+    total = torch.empty(n, dtype=ct, device=logits.device)
+    count = torch.empty(n, dtype=ct, device=logits.device)
+    for sl in _blocks(n, vocab, block_elements):
+        z = logits[sl]
+        keep = z > float("-inf")
+        total[sl] = torch.where(keep, z, torch.zeros((), dtype=z.dtype, device=z.device)).sum(-1, dtype=ct)
+        count[sl] = keep.sum(-1).to(ct)
+    return total / count, count
 
 
 #: Products with the vocabulary as a GEMM dimension are padded to a multiple of this: an odd V
@@ -301,7 +332,7 @@ def _forward_triton(logits, targets, cost, self_cost, want_entropy, block_elemen
     return lse, ce, entropy, demd_raw
 
 
-def _backward_triton(ctx, logits, targets, lse, entropy, demd_raw, g_ce, g_entropy, g_demd, g_lse=None):
+def _backward_triton(ctx, logits, targets, lse, entropy, demd_raw, g_ce, g_entropy, g_demd, g_lse=None, g_col=None):
     """``_SoftmaxStats`` backward with the Triton kernel: one read of the logits, one write of the gradient."""
     n, vocab = logits.shape
     f32 = torch.float32
@@ -316,7 +347,7 @@ def _backward_triton(ctx, logits, targets, lse, entropy, demd_raw, g_ce, g_entro
             if gl is not None:
                 a = a + gl
         return triton_stats.row_grad(logits, targets, lse, grad, g_ce=gce, a=a, g_h=gh,
-                                     entropy=entropy if gh is not None else None)
+                                     entropy=entropy if gh is not None else None, g_m=g_col)
     cost = ctx.cost
     gd = g_demd.to(f32)
     a = (gce if gce is not None else torch.zeros_like(lse)) + gd * (1.0 - demd_raw)
@@ -330,6 +361,7 @@ def _backward_triton(ctx, logits, targets, lse, entropy, demd_raw, g_ce, g_entro
         triton_stats.row_grad(
             logits[sl], y, lse[sl], grad[sl], g_ce=None if gce is None else gce[sl], a=a[sl], g_d=gd[sl],
             s=s[:, :vocab], s_gold=s_gold[sl], g_h=None if gh is None else gh[sl], entropy=None if gh is None else entropy[sl],
+            g_m=None if g_col is None else g_col[sl],
         )
         del s
     return grad
@@ -352,6 +384,7 @@ def softmax_stats(
     self_cost: torch.Tensor | None = None,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     lse: bool = False,
+    logit_mean: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Per-row ``ce`` (and ``entropy``, ``demd``, ``lse``) of ``logits`` (n, V) for ``targets`` (n,).
 
@@ -369,6 +402,8 @@ def softmax_stats(
         block_elements: rows are processed in blocks of at most this many elements (and in at
             least ``MIN_BLOCKS`` blocks when the logits are larger than ``MIN_BLOCK_ELEMENTS`` of them).
         lse: also return ``lse`` = logsumexp(z_i), differentiable (∂/∂z_k = q_k), from the same pass.
+        logit_mean: also return ``logit_mean`` = mean of the finite logits of each row (label
+            smoothing), differentiable; one more read of the logits forward, none backward.
     """
     if logits.dim() != 2:
         raise ValueError(f"softmax_stats expects (n, V) logits, got shape {tuple(logits.shape)}")
@@ -379,60 +414,17 @@ def softmax_stats(
         if self_cost is None:
             self_cost = self_costs(cost)
         self_cost = self_cost.to(ct)
-    ce, ent, demd, lse_out = _SoftmaxStats.apply(logits, targets, cost, self_cost, bool(entropy), int(block_elements))
+    ce, ent, demd, lse_out, mean = _SoftmaxStats.apply(
+        logits, targets, cost, self_cost, bool(entropy), int(block_elements), bool(logit_mean)
+    )
     out = {"ce": ce}
     if lse:
         out["lse"] = lse_out
+    if logit_mean:
+        out["logit_mean"] = mean
     if entropy:
         out["entropy"] = ent
     if cost is not None:
         out["demd"] = demd
     return out
 
-
-class _FiniteLogitMean(torch.autograd.Function):
-    """mean_{v: z_v > −∞} z_v of each row, in blocks (fp32 math; nothing of N×V kept but the logits).
-
-    ∂/∂z_k = 1[z_k > −∞] / |{v: z_v > −∞}|.  A −∞ logit is a masked column (not a possible
-    token): it is left out of the mean, where ``torch.nn.functional.cross_entropy``'s label
-    smoothing would make the loss +∞.  An all −∞ row gives nan (as its cross-entropy does)."""
-
-    @staticmethod
-    def forward(ctx, logits, block_elements):
-        n, vocab = logits.shape
-        ct = _compute_dtype(logits.dtype)
-        total = torch.empty(n, dtype=ct, device=logits.device)
-        count = torch.empty(n, dtype=ct, device=logits.device)
-        with _no_autocast(logits.device):
-            for sl in _blocks(n, vocab, block_elements):
-                z = logits[sl].to(ct)
-                keep = z > float("-inf")
-                total[sl] = torch.where(keep, z, torch.zeros((), dtype=ct, device=z.device)).sum(-1)
-                count[sl] = keep.sum(-1).to(ct)
-        ctx.save_for_backward(logits, count)
-        ctx.block_elements = block_elements
-        return total / count
-
-    @staticmethod
-    def backward(ctx, g):
-        if g is None or not ctx.needs_input_grad[0]:
-            return None, None
-        logits, count = ctx.saved_tensors
-        n, vocab = logits.shape
-        grad = torch.empty_like(logits)
-        scale = (g.to(count.dtype) / count).unsqueeze(1)
-        with _no_autocast(logits.device):
-            for sl in _blocks(n, vocab, ctx.block_elements):
-                keep = logits[sl] > float("-inf")
-                grad[sl] = torch.where(keep, scale[sl], torch.zeros((), dtype=scale.dtype, device=scale.device))
-        return grad, None
-
-
-def finite_logit_mean(logits: torch.Tensor, block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> torch.Tensor:
-    """(n,) mean of each row's finite logits, differentiable (label smoothing's mean_v z_v; see
-    :class:`_FiniteLogitMean`).  The math runs in fp32 (float64 stays float64); the gradient
-    comes back in the logits' dtype.  One extra read of the logits forward and backward (not in
-    the Triton kernels)."""
-    if logits.dim() != 2:
-        raise ValueError(f"finite_logit_mean expects (n, V) logits, got shape {tuple(logits.shape)}")
-    return _FiniteLogitMean.apply(logits, int(block_elements))

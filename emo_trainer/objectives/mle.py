@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .base import Objective, masked_mean
-from .fused import finite_logit_mean, softmax_stats
+from .fused import softmax_stats
 from .registry import register
 
 
@@ -58,10 +58,9 @@ class MleObjective(Objective):
         # Fused CE (fused.py): autograd keeps only the logits, not log-softmax + an fp32 copy.
         if not (self.label_smoothing or self.z_loss):
             return softmax_stats(logits, targets)
-        stats = softmax_stats(logits, targets, lse=True)  # lse from the same pass, differentiable
-        if self.label_smoothing:
-            stats["logit_mean"] = finite_logit_mean(logits)
-        return stats
+        # lse (and the mean of the finite logits) from the fused statistics, differentiable; their
+        # gradients join CE's in one backward pass (nothing of N×V beyond the logits is kept)
+        return softmax_stats(logits, targets, lse=True, logit_mean=bool(self.label_smoothing))
 
     def combine(self, stats, valid, extras=None):
         ce = stats["ce"]
