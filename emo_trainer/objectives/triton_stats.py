@@ -6,7 +6,10 @@ The formulas are those of ``fused.py`` (q = softmax(z), gold token y, lse = logs
     H    = log s − Σ_v exp(z_v − m)(z_v − m) / s  (every term ≥ 0: no cancellation)
     q'_v = exp(z_v − m)/s for v ≠ y, 0 at y       (EMO's transport input, written in the product's dtype)
 
-    ∂/∂z_k = q_k·w_k − g_CE·1[k = y],   w_k = a − g_D·s_k − g_H·(log q_k + H),   a = g_CE + g_D·(1 − D)
+    ∂/∂z_k = q_k·w_k − g_CE·1[k = y] (+ g_z̄/|finite|·1[z_k > −∞]),
+    w_k = a − g_D·s_k − g_H·(log q_k + H),   a = g_CE + g_D·(1 − D) (+ g_lse)
+
+(lse and z̄, the mean of the finite logits, are ``mle``'s z-loss and label-smoothing statistics.)
 
 Forward, one program per row (``_row_stats_kernel``): an online max / sum-exp (and Σ e·t for the
 entropy) over blocks of the row — the logits are read once, in their own dtype, and upcast in
@@ -104,9 +107,9 @@ def _row_stats_kernel(
 
 
 def _row_grad_kernel(
-    Z, stride_z, Y, LSE, GCE, A, GD, GH, ENT, S, stride_s, SGOLD, G, stride_g, V: tl.constexpr,
-    HAS_CE: tl.constexpr, HAS_D: tl.constexpr, HAS_H: tl.constexpr, BLOCK: tl.constexpr, HAS_A: tl.constexpr = False,
-    GM=None, HAS_M: tl.constexpr = False,
+    Z, stride_z, Y, LSE, GCE, A, GD, GH, ENT, S, stride_s, SGOLD, G, stride_g, GM, V: tl.constexpr,
+    HAS_CE: tl.constexpr, HAS_D: tl.constexpr, HAS_H: tl.constexpr, BLOCK: tl.constexpr, HAS_A: tl.constexpr,
+    HAS_M: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride_z
@@ -260,9 +263,9 @@ def row_grad(
             dummy if g_ce is None else g_ce, dummy if a is None else a,
             dummy if g_d is None else g_d, dummy if g_h is None else g_h, dummy if entropy is None else entropy,
             dummy if s is None else s, s.stride(0) if has_d else 0, dummy if s_gold is None else s_gold,
-            out, out.stride(0), vocab,
-            HAS_CE=g_ce is not None, HAS_D=has_d, HAS_H=has_h, BLOCK=block, num_warps=warps, HAS_A=a is not None,
-            GM=dummy if g_m is None else g_m, HAS_M=g_m is not None,
+            out, out.stride(0), dummy if g_m is None else g_m, vocab,
+            HAS_CE=g_ce is not None, HAS_D=has_d, HAS_H=has_h, BLOCK=block, HAS_A=a is not None, HAS_M=g_m is not None,
+            num_warps=warps,
         )
     _state["worked"] = True
     return out
