@@ -26,18 +26,31 @@ chunked path the top-k is recomputed with each chunk in the backward pass.  See 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
 from . import triton_topk
 from .base import masked_mean
-from .fused import DEFAULT_BLOCK_ELEMENTS, LOG_FLOOR, _blocks, _no_autocast, softmax_stats
+from .fused import softmax_stats
 from .registry import register
 from .weighted import TokenWeightedObjective
 
+#: fp32 elements of one block of rows of the top-k (its temporaries are k wide: small).
+BLOCK_ELEMENTS = 1 << 25
+#: floor of t = top − max where it multiplies e = exp(t): a −∞ logit gives 0·(finite) = 0, not nan.
+LOG_FLOOR = -1e4
 
-def topk_entropy(logits: torch.Tensor, k: int, block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> torch.Tensor:
+
+def _no_autocast(device: torch.device):
+    try:
+        return torch.autocast(device.type, enabled=False) if torch.is_autocast_enabled(device.type) else nullcontext()
+    except (TypeError, RuntimeError):  # device types without autocast support
+        return nullcontext()
+
+
+def topk_entropy(logits: torch.Tensor, k: int, block_elements: int = BLOCK_ELEMENTS) -> torch.Tensor:
     """(n,) entropy of the softmax over the ``k`` largest logits of each row, fp32, no gradient.
 
     Rows are processed in blocks; ``torch.topk`` selects without sorting the whole row.  −∞ logits
@@ -52,7 +65,9 @@ def topk_entropy(logits: torch.Tensor, k: int, block_elements: int = DEFAULT_BLO
     ct = torch.float64 if logits.dtype == torch.float64 else torch.float32
     out = torch.empty(n, dtype=ct, device=logits.device)
     with torch.no_grad(), _no_autocast(logits.device):
-        for sl in _blocks(n, vocab, block_elements):
+        rows = max(1, block_elements // max(vocab, 1))
+        for start in range(0, n, rows):
+            sl = slice(start, min(start + rows, n))
             top = logits[sl].detach().topk(k, dim=-1, sorted=False).values.to(ct)
             m = top.amax(-1, keepdim=True)
             t = top - m  # ≤ 0; −∞ for masked columns

@@ -113,8 +113,7 @@ class _SoftmaxStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements, want_mean=False):
         with _no_autocast(logits.device):
-            out = _SoftmaxStats._forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements, want_mean)
-        return out
+            return _SoftmaxStats._forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements, want_mean)
 
     @staticmethod
     def _forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements, want_mean=False):
@@ -222,7 +221,10 @@ class _SoftmaxStats(torch.autograd.Function):
                 # CE, lse and/or z̄ (MLE's z-loss, label smoothing): q·(g_ce + g_lse) − g_ce·1[k = y] + z̄'s term
                 q = u.exp_()
                 coef = gl if gc is None else (gc if gl is None else gc + gl)
-                q.mul_(coef) if coef is not None else q.zero_()
+                if coef is not None:
+                    q.mul_(coef)
+                else:
+                    q.zero_()
                 if gc is not None:
                     q.scatter_add_(1, y, -gc)
                 if g_col is not None:
@@ -386,7 +388,7 @@ def softmax_stats(
     lse: bool = False,
     logit_mean: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Per-row ``ce`` (and ``entropy``, ``demd``, ``lse``) of ``logits`` (n, V) for ``targets`` (n,).
+    """Per-row ``ce`` (and ``entropy``, ``demd``, ``lse``, ``logit_mean``) of ``logits`` (n, V) for ``targets`` (n,).
 
     Args:
         logits: (n, V) in any float dtype; the math runs in fp32 (float64 stays float64),

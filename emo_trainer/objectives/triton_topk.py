@@ -16,6 +16,7 @@ with one warning and ``torch.topk`` runs instead (the CE kernels are unaffected)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -23,7 +24,12 @@ import torch
 
 from . import triton_stats
 
-triton, tl = triton_stats.triton, triton_stats.tl
+try:  # optional, as in triton_stats.py
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001  pragma: no cover - not installed or broken: torch.topk is used
+    triton = None
+    tl = None
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +80,8 @@ def topk_entropy(logits: torch.Tensor, k: int) -> torch.Tensor | None:
             return out
         k_pad = triton.next_power_of_2(k)
         block = max(k_pad, min(128 if interpret else 1024, triton.next_power_of_2(vocab)))
-        with triton_stats._on(logits.device):
+        on = torch.cuda.device(logits.device) if logits.device.type == "cuda" else contextlib.nullcontext()
+        with on:  # launch on the tensor's GPU even when another one is current
             _JITTED[interpret][(n,)](logits, logits.stride(0), out, vocab, K=k, K_PAD=k_pad, BLOCK=block,
                                      num_warps=4)
         return out
