@@ -124,7 +124,8 @@ class ObjectiveConfig:
           mixce: {eta: 0.1}     # ignored unless name is mixce; lets --objective mixce switch
     """
 
-    #: One of ``mle``, ``emo``, ``mixce``, ``mile``, ``sequencematch``.
+    #: One of ``mle``, ``emo``, ``mixce``, ``mile``, ``sequencematch``, ``dft``, ``tailr``, ``focal``,
+    #: ``eaft`` (docs/objectives.md).
     name: str = "mle"
     #: ``full`` (the model computes the logits of the whole batch) or ``chunked`` (from hidden
     #: states in token chunks, recomputed in backward: never holds N×V logits; on GPUs with an

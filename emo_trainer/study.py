@@ -50,7 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("emo_trainer.calibration_study")
 
 LABELS = {"none": "no calibration", "mle": "MLE", "emo": "EMO", "mixce": "MixCE", "mile": "MiLe",
-          "sequencematch": "SequenceMatch"}
+          "sequencematch": "SequenceMatch", "dft": "DFT", "tailr": "TaiLr", "focal": "focal", "eaft": "EAFT",
+          "emo-m1": "EMO mode 1 (cap 3)", "emo-m2": "EMO mode 2", "emo-m1-uncapped": "EMO mode 1 (uncapped)"}
 METRICS = ["perplexity", "mauve", "diversity", "rep_2", "rep_3", "rep_4", "seq_rep_4", "distinct_2", "mean_length"]
 
 
@@ -68,7 +69,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-file", required=True, help="test documents (e.g. wiki.test.raw)")
     p.add_argument("--detokenize", default="wikitext", help="data.detokenize for the calibration text ('none' = off)")
     p.add_argument("--no-detokenize-test", action="store_true", help="evaluate on the test text exactly as in the file")
-    p.add_argument("--objectives", nargs="+", default=["none", "mle", "emo", "mixce", "mile", "sequencematch"],
+    p.add_argument("--objectives", nargs="+",
+                   default=["none", "mle", "emo-m1=emo:emo.mode=1,emo.ratio_cap=3", "emo-m2=emo:emo.mode=2", "mixce", "mile",
+                            "sequencematch", "dft", "tailr", "focal", "eaft"],
                    help="rows of the study: 'none' = the uncalibrated checkpoint; else [NAME=]OBJECTIVE[:KEY=VALUE,...] "
                         "with config overrides for that row only, e.g. emo-m1=emo:emo.mode=1 "
                         "mle-lr2e-5=mle:training.learning_rate=2e-5")

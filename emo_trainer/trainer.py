@@ -62,7 +62,7 @@ class ObjectiveTrainer(Trainer):
 
     Args:
         objective: a registered name (``"mle"``, ``"emo"``, ``"mixce"``, ``"mile"``,
-            ``"sequencematch"``) or an :class:`~emo_trainer.objectives.Objective` instance.
+            ``"sequencematch"``, ``"dft"``, ``"tailr"``, ``"focal"``, ``"eaft"``) or an :class:`~emo_trainer.objectives.Objective` instance.
         objective_options: options of a named objective (ignored for an instance).
         loss_path: ``"full"`` (logits, fastest) or ``"chunked"`` (hidden states in token chunks,
             recomputed in backward; never holds N×V logits).

@@ -63,10 +63,17 @@ CASES: dict[str, tuple[str, dict, str]] = {
          "sample_batch_size": 8, "buffer_size": 16},
         "fixed",
     ),
+    # the ecosystem's token-weighted objectives (issue 17); focal has MiLe's cross-rank α
+    "dft": ("dft", {}, "ragged"),
+    "tailr": ("tailr", {"gamma": 0.3, "min_weight": 0.05}, "ragged"),  # chunked
+    "focal": ("focal", {"gamma": 2.0}, "ragged"),
+    "eaft": ("eaft", {"alpha": 1.0, "top_k": 20}, "ragged"),  # chunked
+    "mle_options": ("mle", {"label_smoothing": 0.1, "z_loss": 1e-3}, "ragged"),
 }
 #: Cases of the DDP phase (EMO `live` runs in the FSDP phase, where gathering its head matters).
-DDP_CASES = ("mle", "emo_initial", "mixce", "mile", "sequencematch_offline", "sequencematch_online")
-CHUNKED = {"mixce"}
+DDP_CASES = ("mle", "emo_initial", "mixce", "mile", "sequencematch_offline", "sequencematch_online",
+             "dft", "tailr", "focal", "eaft", "mle_options")
+CHUNKED = {"mixce", "tailr", "eaft"}
 #: Set by ``--gpu``: the same cases on CUDA (NCCL) for the GPU check in docs/distributed.md.
 USE_GPU = False
 

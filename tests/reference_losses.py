@@ -254,3 +254,73 @@ def assert_bf16_model_finite(objective, seed: int = 0):
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad.float()).all(), name
     return model
+
+
+# ---------------------------------------------------------------------- ecosystem objectives (issue 17)
+# Float64, from objectives.md §6; q_y = sg(exp(−CE)); −∞ columns allowed (masked vocabulary).
+def dft_ref(logits, labels, num_items=None):
+    z, y, n = _flat_shifted(logits, labels)
+    ce = _ce(z, y)
+    return _reduce(torch.exp(-ce).detach() * ce, n, num_items)
+
+
+def tailr_ref(logits, labels, gamma=1e-7, min_weight=0.2, num_items=None):
+    z, y, n = _flat_shifted(logits, labels)
+    ce = _ce(z, y)
+    q = torch.exp(-ce).detach()
+    w = torch.clamp(q / (gamma + (1.0 - gamma) * q), min_weight, 1.0)
+    return _reduce(w * ce, n, num_items)
+
+
+def focal_weights_ref(logits, labels, gamma=1.0):
+    """w_i = (1 − q_y)^γ of the valid positions, float64."""
+    z, y, _ = _flat_shifted(logits, labels)
+    q = torch.exp(-_ce(z.detach(), y))
+    return (1.0 - q) ** gamma
+
+
+def focal_ref(logits, labels, gamma=1.0, num_items=None, alpha=None):
+    """Focal: α·Σ w_i CE_i / num_items; α = n_valid/Σ w_i of this batch unless given."""
+    z, y, n = _flat_shifted(logits, labels)
+    ce = _ce(z, y)
+    w = focal_weights_ref(logits, labels, gamma)
+    if alpha is None:
+        alpha = n / float(w.sum()) if n else 0.0
+    return _reduce(alpha * w * ce, n, num_items)
+
+
+def topk_entropy_ref(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Entropy of the softmax over the k largest logits (full descending sort), float64, no grad."""
+    top = z.detach().to(torch.float64).sort(dim=-1, descending=True).values[:, : min(k, z.shape[-1])]
+    logp = _log_probs(top)
+    p = torch.exp(logp)
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+
+
+def eaft_ref(logits, labels, alpha=1.0, top_k=20, normalizer=3.0, num_items=None):
+    z, y, n = _flat_shifted(logits, labels)
+    ce = _ce(z, y)
+    w = (topk_entropy_ref(z, top_k) / normalizer) ** alpha
+    return _reduce(w * ce, n, num_items)
+
+
+def mle_options_ref(logits, labels, label_smoothing=0.0, z_loss=0.0, num_items=None):
+    """(1−ε)·CE + ε·mean over finite columns of −log q + β·lse², float64."""
+    z, y, n = _flat_shifted(logits, labels)
+    logp = _log_probs(z)
+    ce = -logp[torch.arange(len(y)), y]
+    finite = torch.isfinite(z)
+    smooth = -torch.where(finite, logp, torch.zeros_like(logp)).sum(-1) / finite.sum(-1)
+    m = z.max(dim=-1).values.detach()
+    lse = m + torch.log(torch.exp(z - m[:, None]).sum(-1))
+    per_token = (1.0 - label_smoothing) * ce + label_smoothing * smooth + z_loss * lse**2
+    return _reduce(per_token, n, num_items)
+
+
+def with_masked_columns(logits: torch.Tensor, labels: torch.Tensor, columns=(1, 4)) -> torch.Tensor:
+    """``logits`` with −∞ in ``columns`` wherever that column is not the position's target."""
+    out = logits.clone()
+    targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:]
+    for c in columns:
+        out[..., c] = torch.where(targets == c, out[..., c], torch.full_like(out[..., c], float("-inf")))
+    return out

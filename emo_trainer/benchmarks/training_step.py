@@ -8,6 +8,8 @@ the step's extra peak memory over the model + optimizer state, for:
   <objective>/full      ``ObjectiveTrainer.compute_loss`` with ``loss_path="full"``
   <objective>/chunked   ``ObjectiveTrainer.compute_loss`` with ``loss_path="chunked"``
   sequencematch+sampling/<path>   online SequenceMatch (``sample_every`` 4): the mean step is the amortised cost
+  mle+options/<path>    MLE with ``label_smoothing`` 0.1 and ``z_loss`` 1e-4 (every registered objective,
+                        dft, tailr, focal and eaft included, gets its own rows with its defaults)
   reference-emo         the EMO authors' ``EMOLoss`` (PyPI ``EMOLoss``; ``--reference-emo``)
   liger-flce            Liger-Kernel's fused linear cross-entropy (``--liger``; CUDA only)
   torch-lce             PyTorch's chunked ``F.linear_cross_entropy`` (``--torch-lce``, torch ≥ 2.13)
@@ -70,6 +72,8 @@ SHAPES: dict[str, dict[str, Any]] = {
                     "steps": 10, "warmup": 3},
 }
 SM_SAMPLE_EVERY = 4
+#: the ``mle+options`` row: MLE with label smoothing and PaLM's z-loss
+MLE_OPTIONS = {"label_smoothing": 0.1, "z_loss": 1e-4}
 
 
 @dataclass
@@ -104,7 +108,8 @@ def make_parser() -> argparse.ArgumentParser:
                                 epilog="See docs/performance.md for the recorded tables.")
     p.add_argument("--shape", choices=sorted(SHAPES), default="cpu", help="model and batch (default: cpu)")
     p.add_argument("--objectives", nargs="+", default=None,
-                   help="objectives to run (default: every registered one; 'sequencematch+sampling' for online SM)")
+                   help="objectives to run (default: every registered one; 'sequencematch+sampling' for online SM, "
+                        "'mle+options' for MLE with label smoothing and z-loss)")
     p.add_argument("--paths", nargs="+", choices=["full", "chunked"], default=["full", "chunked"])
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: per shape)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default: per shape; +3 with --compile)")
@@ -167,6 +172,8 @@ def default_cases(args, shape) -> list[Case]:
     names = list(args.objectives or available())
     if not args.objectives and "sequencematch" in names:
         names.append("sequencematch+sampling")
+    if not args.objectives and "mle" in names:
+        names.insert(names.index("mle") + 1, "mle+options")
     cases = [Case("builtin", "builtin")]
     for name in names:
         objective, options = name, {}
@@ -174,6 +181,8 @@ def default_cases(args, shape) -> list[Case]:
             options = {"sample_every": 0}
         elif name == "sequencematch+sampling":
             objective, options = "sequencematch", {"sample_every": SM_SAMPLE_EVERY}
+        elif name == "mle+options":  # label smoothing and z-loss together (docs/objectives.md)
+            objective, options = "mle", dict(MLE_OPTIONS)
         for path in args.paths:
             cases.append(Case(f"{name}/{path}", "objective", objective, path, options))
             if objective == "emo" and args.emo_transport_dtype:

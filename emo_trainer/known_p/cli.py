@@ -41,7 +41,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-sizes", nargs="+", type=int, help="vocabulary sizes for every selected family")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (each: a new language and a new initialisation)")
     p.add_argument("--objectives", nargs="+", metavar="NAME",
-                   help="registry names to keep (mle mixce emo mile sequencematch); default: all configured")
+                   help="registry names to keep (mle mixce emo mile sequencematch dft tailr focal eaft); "
+                        "default: all configured")
     p.add_argument("--etas", nargs="+", type=float, help="MixCE η grid (default 0 0.1 0.5 0.9 0.99; η=1 is MLE)")
     p.add_argument("--sm-sample-every", type=int, default=20,
                    help="SequenceMatch sampling variant: refill the replay buffer every N steps")

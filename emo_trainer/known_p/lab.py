@@ -75,7 +75,8 @@ class ObjectiveSpec:
 
 
 def default_objective_specs(etas: tuple[float, ...] = DEFAULT_ETAS, sequencematch_sample_every: int = 20) -> list[ObjectiveSpec]:
-    """MLE, MixCE over ``etas``, EMO, MiLe, SequenceMatch offline and with sampling.
+    """MLE, MixCE over ``etas``, EMO, MiLe, SequenceMatch offline and with sampling, and the
+    ecosystem's token-weighted objectives (DFT, TaiLr, focal, EAFT; docs/objectives.md) at their defaults.
 
     EMO uses the ``live`` cost embedding: training starts from random weights, where the
     ``initial`` (frozen) cost would be a random matrix (docs/objectives.md, EMO pitfalls).
@@ -90,6 +91,10 @@ def default_objective_specs(etas: tuple[float, ...] = DEFAULT_ETAS, sequencematc
             f"SequenceMatch sampling/{sequencematch_sample_every}", "sequencematch",
             {"sample_every": sequencematch_sample_every}, mle_warmup_fraction=0.5,
         ),
+        ObjectiveSpec("DFT", "dft"),
+        ObjectiveSpec("TaiLr γ=1e-7", "tailr", {"gamma": 1e-7, "min_weight": 0.2}),
+        ObjectiveSpec("focal γ=1", "focal", {"gamma": 1.0}),
+        ObjectiveSpec("EAFT", "eaft", {"alpha": 1.0, "top_k": 20, "normalizer": 3.0}),
     ]
     return specs
 
@@ -381,6 +386,8 @@ def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
                           if (family, vocab, r["seed"]) in mle_js], dtype=float)
         row["js_minus_mle"] = _mean_std(diffs)
         eta = (row["options"] or {}).get("eta") if row["objective"] == "mixce" else (1.0 if row["objective"] == "mle" else None)
+        if row["objective"] == "dft":  # DFT is MixCE with η = 0 (docs/objectives.md): the same optimum
+            eta = 0.0
         row["theory_js"] = _mean_std(np.array([theory_js(vocab, r["seed"], eta) for r in ok])) if eta is not None \
             else (math.nan, math.nan)
         row["seconds"] = float(np.mean([r["seconds"] for r in recs])) if recs else 0.0

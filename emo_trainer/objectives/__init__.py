@@ -1,4 +1,5 @@
-"""Training objectives: MLE, EMO, MixCE, MiLe and SequenceMatch-χ².
+"""Training objectives: MLE, EMO, MixCE, MiLe and SequenceMatch-χ², and the ecosystem's
+token-weighted objectives DFT, TaiLr, focal and EAFT (docs/objectives.md).
 
 Usable without the Trainer::
 
@@ -8,7 +9,7 @@ Usable without the Trainer::
 """
 
 # Importing the modules registers the objectives.
-from . import emo, mile, mixce, mle, sequencematch  # noqa: E402,F401
+from . import dft, eaft, emo, focal, mile, mixce, mle, sequencematch, tailr  # noqa: E402,F401
 from .base import IGNORE_INDEX, Objective, ObjectiveOutput, reduce_loss, shift_labels
 from .registry import ObjectiveError, available, get_objective, objective_class, objective_options, register
 

@@ -78,22 +78,25 @@ class MileObjective(Objective):
         # stop-gradient weight: combine() detaches it, so its gradient is never computed.
         return softmax_stats(logits, targets, entropy=True)
 
+    def token_weights(self, stats, valid):
+        """``(w, diagnostics)``: the (n,) stop-gradient weights (any value at invalid positions).
+        The hook ``focal`` overrides (focal.py): the step normaliser α below is shared."""
+        entropy = stats["entropy"].detach()
+        return (SIGMA + entropy).pow(self.gamma), {"entropy": masked_mean(entropy, valid)}
+
     def combine(self, stats, valid, extras=None):
-        ce, entropy = stats["ce"], stats["entropy"].detach()
-        weight = torch.where(valid, (SIGMA + entropy).pow(self.gamma), torch.zeros_like(entropy))
+        ce = stats["ce"]
+        raw, diagnostics = self.token_weights(stats, valid)
+        weight = torch.where(valid, raw, torch.zeros_like(raw))
         parts = torch.stack([valid.sum().to(weight.dtype), weight.sum()])
         per_token = weight * ce
         weighted = torch.where(valid, per_token, torch.zeros_like(per_token)).sum()
-        metrics = {
-            "ce": masked_mean(ce, valid),
-            "entropy": masked_mean(entropy, valid),
-            "weight": masked_mean(weight, valid),
-        }
+        metrics = {"ce": masked_mean(ce, valid), **diagnostics, "weight": masked_mean(weight, valid)}
         if self.defer_step_scale:  # α of the whole step is applied by the trainer (take_step_scale)
             self._step_parts.append(parts.detach())
             return weighted, metrics
         # One all-reduce of (n_valid, Σw): α of the global batch, identical on every rank.
-        alpha = _alpha(_all_reduce_sum(parts))
+        alpha = self._alpha(_all_reduce_sum(parts))
         metrics["alpha"] = alpha
         return alpha * weighted, metrics
 
@@ -103,7 +106,7 @@ class MileObjective(Objective):
         else:  # every micro-batch of the step skipped here: a zero share, but still in the all-reduce
             totals = torch.zeros(2, device=device)
         self._step_parts = []
-        return _alpha(_all_reduce_sum(totals))
+        return self._alpha(_all_reduce_sum(totals))
 
     def discard_step_part(self):
         if self._step_parts:
@@ -111,6 +114,9 @@ class MileObjective(Objective):
 
     def reset_step_scale(self):
         self._step_parts = []
+
+    def _alpha(self, totals: torch.Tensor) -> torch.Tensor:
+        return _alpha(totals)
 
 
 def _alpha(totals: torch.Tensor) -> torch.Tensor:

@@ -107,19 +107,26 @@ LOG_FLOOR = -1e4
 
 
 class _SoftmaxStats(torch.autograd.Function):
-    """(CE, H, D_clamped) of each row of ``logits``; H and D only when asked for (else empty)."""
+    """(CE, H, D_clamped, lse, z̄) of each row of ``logits``; H, D and z̄ only when asked for (else empty).
+
+    lse = logsumexp(z) is differentiable too (∂lse/∂z_k = q_k: ``mle``'s z-loss and label
+    smoothing), and so is z̄ = mean of the row's finite logits (∂z̄/∂z_k = 1[z_k > −∞]/|finite|:
+    label smoothing's mean_v −log q_v = lse − z̄; its gradient goes into the same backward pass)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements):
+    def forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements, want_mean=False):
         with no_autocast(logits.device):
-            return _SoftmaxStats._forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements)
+            return _SoftmaxStats._forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements, want_mean)
 
     @staticmethod
-    def _forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements):
+    def _forward(ctx, logits, targets, cost, self_cost, want_entropy, block_elements, want_mean=False):
         n, vocab = logits.shape
         ct = _compute_dtype(logits.dtype)
         want_demd = cost is not None
         key = (n, vocab, logits.dtype, bool(want_entropy), want_demd)
+        ctx.mean = None
+        if want_mean:  # one blocked pass of its own (forward only: its gradient joins the backward pass below)
+            ctx.mean = _finite_mean(logits, block_elements, ct)
         if _cache.mode == "replay" and _cache.pos < len(_cache.items) and _cache.items[_cache.pos][0] == key:
             lse, ce, entropy, demd_raw = (t.clone() for t in _cache.items[_cache.pos][1:])
             _cache.pos += 1
@@ -170,24 +177,29 @@ class _SoftmaxStats(torch.autograd.Function):
 
     @staticmethod
     def _finish(ctx, logits, targets, cost, self_cost, block_elements, lse, ce, entropy, demd_raw):
-        ctx.save_for_backward(logits, targets, lse, entropy, demd_raw)
+        mean, count = ctx.mean if ctx.mean is not None else (lse.new_empty(0), lse.new_empty(0))
+        ctx.mean = None
+        ctx.save_for_backward(logits, targets, lse, entropy, demd_raw, count)
         ctx.cost, ctx.self_cost, ctx.block_elements = cost, self_cost, block_elements
         ctx.set_materialize_grads(False)
         # D ≥ 0 in exact arithmetic; rounding can leave about −1e-8 when q sits on y.  A
         # negative loss is a known EMO pitfall, so D is clamped (its gradient is 0 there).
-        return ce, entropy, demd_raw.clamp_min(0.0)
+        return ce, entropy, demd_raw.clamp_min(0.0), lse.clone(), mean
 
     @staticmethod
-    def backward(ctx, g_ce, g_entropy, g_demd):
-        if not ctx.needs_input_grad[0] or (g_ce is None and g_entropy is None and g_demd is None):
-            return (None,) * 6
-        device = next(g.device for g in (g_ce, g_entropy, g_demd) if g is not None)
+    def backward(ctx, g_ce, g_entropy, g_demd, g_lse=None, g_mean=None):
+        grads = (g_ce, g_entropy, g_demd, g_lse, g_mean)
+        if not ctx.needs_input_grad[0] or all(g is None for g in grads):
+            return (None,) * 7
+        device = next(g.device for g in grads if g is not None)
         with no_autocast(device):
-            return _SoftmaxStats._backward(ctx, g_ce, g_entropy, g_demd)
+            return _SoftmaxStats._backward(ctx, g_ce, g_entropy, g_demd, g_lse, g_mean) + (None,)
 
     @staticmethod
-    def _backward(ctx, g_ce, g_entropy, g_demd):
-        logits, targets, lse, entropy, demd_raw = ctx.saved_tensors
+    def _backward(ctx, g_ce, g_entropy, g_demd, g_lse=None, g_mean=None):
+        logits, targets, lse, entropy, demd_raw, count = ctx.saved_tensors
+        # z̄'s gradient: g_mean/|finite| added at every finite column of the row
+        g_col = None if g_mean is None or count.numel() == 0 else (g_mean.to(lse.dtype) / count)
         cost = ctx.cost
         n, vocab = logits.shape
         ct = lse.dtype
@@ -198,7 +210,7 @@ class _SoftmaxStats(torch.autograd.Function):
         if g_demd is not None:
             g_demd = torch.where(demd_raw >= 0, g_demd, torch.zeros_like(g_demd))  # clamp_min's gradient
         if triton_stats.usable(logits):
-            grad = _backward_triton(ctx, logits, targets, lse, entropy, demd_raw, g_ce, g_entropy, g_demd)
+            grad = _backward_triton(ctx, logits, targets, lse, entropy, demd_raw, g_ce, g_entropy, g_demd, g_lse, g_col)
             return grad, None, None, None, None, None
         grad = torch.empty_like(logits)
         for sl in _blocks(n, vocab, ctx.block_elements):
@@ -207,6 +219,22 @@ class _SoftmaxStats(torch.autograd.Function):
             #   w_k = g_ce + g_D·(1 − D − s_k) − g_H·(log q_k + H),   s_k = ê_k·ê_y.
             u = torch.sub(logits[sl], lse[sl].unsqueeze(1))  # log q, in the compute dtype
             gc = None if g_ce is None else g_ce[sl].to(ct).unsqueeze(1)
+            gl = None if g_lse is None else g_lse[sl].to(ct).unsqueeze(1)  # ∂lse/∂z = q: adds to every q_k
+            if g_entropy is None and g_demd is None and (gl is not None or g_col is not None):
+                # CE, lse and/or z̄ (MLE's z-loss, label smoothing): q·(g_ce + g_lse) − g_ce·1[k = y] + z̄'s term
+                q = u.exp_()
+                coef = gl if gc is None else (gc if gl is None else gc + gl)
+                if coef is not None:
+                    q.mul_(coef)
+                else:
+                    q.zero_()
+                if gc is not None:
+                    q.scatter_add_(1, y, -gc)
+                if g_col is not None:
+                    q.add_(torch.where(logits[sl] > float("-inf"), g_col[sl].unsqueeze(1), 0.0))
+                grad[sl] = q
+                del u, q
+                continue
             if g_entropy is None and g_demd is None:
                 # CE only (MLE, MixCE, MiLe): g·(q − onehot), the product written in the logits' dtype.
                 q = u.exp_()
@@ -215,6 +243,8 @@ class _SoftmaxStats(torch.autograd.Function):
                 del u, q
                 continue
             a = torch.zeros_like(lse[sl]).unsqueeze(1) if gc is None else gc
+            if gl is not None:
+                a = a + gl
             w = None
             if g_entropy is not None:
                 gh = g_entropy[sl].to(ct).unsqueeze(1)
@@ -236,9 +266,25 @@ class _SoftmaxStats(torch.autograd.Function):
             q = u.exp_().mul_(w)
             if gc is not None:
                 q.scatter_add_(1, y, -gc)
+            if g_col is not None:
+                q.add_(torch.where(logits[sl] > float("-inf"), g_col[sl].unsqueeze(1), 0.0))
             grad[sl] = q  # cast to the logits' dtype on copy
             del u, q, w
         return grad, None, None, None, None, None
+
+
+def _finite_mean(logits: torch.Tensor, block_elements: int, ct: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean of the finite logits, their count) per row, in blocks.  A −∞ logit is a masked column
+    (not a possible token): left out.  An all −∞ row gives nan, as its cross-entropy does."""
+    n, vocab = logits.shape
+    total = torch.empty(n, dtype=ct, device=logits.device)
+    count = torch.empty(n, dtype=ct, device=logits.device)
+    for sl in _blocks(n, vocab, block_elements):
+        z = logits[sl]
+        keep = z > float("-inf")
+        total[sl] = torch.where(keep, z, torch.zeros((), dtype=z.dtype, device=z.device)).sum(-1, dtype=ct)
+        count[sl] = keep.sum(-1).to(ct)
+    return total / count, count
 
 
 #: Products with the vocabulary as a GEMM dimension are padded to a multiple of this: an odd V
@@ -291,22 +337,27 @@ def _forward_triton(logits, targets, cost, self_cost, want_entropy, block_elemen
     return lse, ce, entropy, demd_raw
 
 
-def _backward_triton(ctx, logits, targets, lse, entropy, demd_raw, g_ce, g_entropy, g_demd):
+def _backward_triton(ctx, logits, targets, lse, entropy, demd_raw, g_ce, g_entropy, g_demd, g_lse=None, g_col=None):
     """``_SoftmaxStats`` backward with the Triton kernel: one read of the logits, one write of the gradient."""
     n, vocab = logits.shape
     f32 = torch.float32
     grad = torch.empty_like(logits)
     gce = None if g_ce is None else g_ce.to(f32).contiguous()
     gh = None if g_entropy is None else g_entropy.to(f32).contiguous()
-    if g_demd is None:  # CE and/or entropy: no temporaries, one launch
+    gl = None if g_lse is None else g_lse.to(f32)
+    if g_demd is None:  # CE and/or entropy (and/or lse): no temporaries, one launch
         a = None
-        if gh is not None:
+        if gh is not None or gl is not None:
             a = gce if gce is not None else torch.zeros_like(lse)
+            if gl is not None:
+                a = a + gl
         return triton_stats.row_grad(logits, targets, lse, grad, g_ce=gce, a=a, g_h=gh,
-                                     entropy=entropy if gh is not None else None)
+                                     entropy=entropy if gh is not None else None, g_m=g_col)
     cost = ctx.cost
     gd = g_demd.to(f32)
     a = (gce if gce is not None else torch.zeros_like(lse)) + gd * (1.0 - demd_raw)
+    if gl is not None:
+        a = a + gl
     s_gold = 1.0 - ctx.self_cost[targets]  # ê_y·ê_y, as the forward pass used it
     cost_pad = _padded_cost(cost)
     for sl in _blocks(n, vocab, ctx.block_elements):  # s (rows×V) is the one temporary
@@ -315,6 +366,7 @@ def _backward_triton(ctx, logits, targets, lse, entropy, demd_raw, g_ce, g_entro
         triton_stats.row_grad(
             logits[sl], y, lse[sl], grad[sl], g_ce=None if gce is None else gce[sl], a=a[sl], g_d=gd[sl],
             s=s[:, :vocab], s_gold=s_gold[sl], g_h=None if gh is None else gh[sl], entropy=None if gh is None else entropy[sl],
+            g_m=None if g_col is None else g_col[sl],
         )
         del s
     return grad
@@ -336,8 +388,10 @@ def softmax_stats(
     cost: torch.Tensor | None = None,
     self_cost: torch.Tensor | None = None,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    lse: bool = False,
+    logit_mean: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Per-row ``ce`` (and ``entropy``, ``demd``) of ``logits`` (n, V) for ``targets`` (n,).
+    """Per-row ``ce`` (and ``entropy``, ``demd``, ``lse``, ``logit_mean``) of ``logits`` (n, V) for ``targets`` (n,).
 
     Args:
         logits: (n, V) in any float dtype; the math runs in fp32 (float64 stays float64),
@@ -352,6 +406,9 @@ def softmax_stats(
             all-zero row); computed from ``cost`` when omitted.
         block_elements: rows are processed in blocks of at most this many elements (and in at
             least ``MIN_BLOCKS`` blocks when the logits are larger than ``MIN_BLOCK_ELEMENTS`` of them).
+        lse: also return ``lse`` = logsumexp(z_i), differentiable (∂/∂z_k = q_k), from the same pass.
+        logit_mean: also return ``logit_mean`` = mean of the finite logits of each row (label
+            smoothing), differentiable; one more read of the logits forward, none backward.
     """
     if logits.dim() != 2:
         raise ValueError(f"softmax_stats expects (n, V) logits, got shape {tuple(logits.shape)}")
@@ -362,10 +419,17 @@ def softmax_stats(
         if self_cost is None:
             self_cost = self_costs(cost)
         self_cost = self_cost.to(ct)
-    ce, ent, demd = _SoftmaxStats.apply(logits, targets, cost, self_cost, bool(entropy), int(block_elements))
+    ce, ent, demd, lse_out, mean = _SoftmaxStats.apply(
+        logits, targets, cost, self_cost, bool(entropy), int(block_elements), bool(logit_mean)
+    )
     out = {"ce": ce}
+    if lse:
+        out["lse"] = lse_out
+    if logit_mean:
+        out["logit_mean"] = mean
     if entropy:
         out["entropy"] = ent
     if cost is not None:
         out["demd"] = demd
     return out
+

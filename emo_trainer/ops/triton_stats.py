@@ -6,7 +6,10 @@ The formulas are those of ``fused.py`` (q = softmax(z), gold token y, lse = logs
     H    = log s − Σ_v exp(z_v − m)(z_v − m) / s  (every term ≥ 0: no cancellation)
     q'_v = exp(z_v − m)/s for v ≠ y, 0 at y       (EMO's transport input, written in the product's dtype)
 
-    ∂/∂z_k = q_k·w_k − g_CE·1[k = y],   w_k = a − g_D·s_k − g_H·(log q_k + H),   a = g_CE + g_D·(1 − D)
+    ∂/∂z_k = q_k·w_k − g_CE·1[k = y] (+ g_z̄/|finite|·1[z_k > −∞]),
+    w_k = a − g_D·s_k − g_H·(log q_k + H),   a = g_CE + g_D·(1 − D) (+ g_lse)
+
+(lse and z̄, the mean of the finite logits, are ``mle``'s z-loss and label-smoothing statistics.)
 
 Forward, one program per row (``_row_stats_kernel``): an online max / sum-exp (and Σ e·t for the
 entropy) over blocks of the row — the logits are read once, in their own dtype, and upcast in
@@ -104,8 +107,9 @@ def _row_stats_kernel(
 
 
 def _row_grad_kernel(
-    Z, stride_z, Y, LSE, GCE, A, GD, GH, ENT, S, stride_s, SGOLD, G, stride_g, V: tl.constexpr,
-    HAS_CE: tl.constexpr, HAS_D: tl.constexpr, HAS_H: tl.constexpr, BLOCK: tl.constexpr,
+    Z, stride_z, Y, LSE, GCE, A, GD, GH, ENT, S, stride_s, SGOLD, G, stride_g, GM, V: tl.constexpr,
+    HAS_CE: tl.constexpr, HAS_D: tl.constexpr, HAS_H: tl.constexpr, BLOCK: tl.constexpr, HAS_A: tl.constexpr,
+    HAS_M: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride_z
@@ -114,7 +118,7 @@ def _row_grad_kernel(
     lse = tl.load(LSE + row)
     offs = tl.arange(0, BLOCK)
     gce = tl.load(GCE + row) if HAS_CE else 0.0
-    if HAS_D or HAS_H:
+    if HAS_D or HAS_H or HAS_A:  # HAS_A alone: a = g_CE + g_lse (MLE's z-loss / label smoothing)
         a = tl.load(A + row)
     else:
         a = gce
@@ -124,11 +128,14 @@ def _row_grad_kernel(
     if HAS_H:
         gh = tl.load(GH + row)
         h = tl.load(ENT + row)
+    if HAS_M:
+        gm = tl.load(GM + row)  # g_z̄ / |finite|: label smoothing's mean over the finite logits
     for start in range(0, V, BLOCK):
         cols = start + offs
         mask = cols < V
         gold = cols == y
-        u = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32) - lse  # log q
+        zf = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
+        u = zf - lse  # log q
         w = tl.zeros((BLOCK,), tl.float32) + a
         if HAS_D:
             sk = tl.load(S + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
@@ -139,6 +146,8 @@ def _row_grad_kernel(
         g = tl.where(q > 0.0, q * w, 0.0)  # a −inf logit (q = 0) gets 0, not 0·∞
         if HAS_CE:
             g = g - tl.where(gold, gce, 0.0)
+        if HAS_M:
+            g = g + tl.where(zf > float("-inf"), gm, 0.0)
         tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=mask)
 
 
@@ -224,12 +233,14 @@ def row_grad(
     s_gold: torch.Tensor | None = None,
     g_h: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    g_m: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write ∂/∂z of the statistics into ``out`` (n, V, the logits' dtype); see the module docstring.
 
     All per-row vectors are fp32 (n,): ``g_ce`` (None: no CE term), ``a`` = g_CE + g_D·(1 − D)
-    (needed with ``g_d`` or ``g_h``), ``g_d`` with ``s`` (n, V: ê_y·ê_k) and ``s_gold``
-    (the value used at the gold column), ``g_h`` with ``entropy``.
+    (+ g_lse, the gradient of logsumexp; needed with ``g_d`` or ``g_h``, and alone it adds g_lse·q), ``g_d`` with ``s`` (n, V: ê_y·ê_k) and ``s_gold``
+    (the value used at the gold column), ``g_h`` with ``entropy``, ``g_m`` (added at every finite
+    column: the gradient of the mean of the finite logits, already divided by their count).
     """
     n, vocab = logits.shape
     if n == 0:
@@ -239,7 +250,8 @@ def row_grad(
     if out.stride(1) != 1 or (s is not None and s.stride(1) != 1):
         raise ValueError("row_grad: `out` and `s` need unit stride along the vocabulary")
     targets, lse = targets.contiguous(), lse.contiguous()
-    g_ce, a, g_d, s_gold, g_h, entropy = (None if t is None else t.contiguous() for t in (g_ce, a, g_d, s_gold, g_h, entropy))
+    g_ce, a, g_d, s_gold, g_h, entropy, g_m = (None if t is None else t.contiguous()
+                                               for t in (g_ce, a, g_d, s_gold, g_h, entropy, g_m))
     has_d, has_h = g_d is not None, g_h is not None
     if (has_d or has_h) and a is None:
         raise ValueError("row_grad: `a` is required with g_d or g_h")
@@ -251,8 +263,9 @@ def row_grad(
             dummy if g_ce is None else g_ce, dummy if a is None else a,
             dummy if g_d is None else g_d, dummy if g_h is None else g_h, dummy if entropy is None else entropy,
             dummy if s is None else s, s.stride(0) if has_d else 0, dummy if s_gold is None else s_gold,
-            out, out.stride(0), vocab,
-            HAS_CE=g_ce is not None, HAS_D=has_d, HAS_H=has_h, BLOCK=block, num_warps=warps,
+            out, out.stride(0), dummy if g_m is None else g_m, vocab,
+            HAS_CE=g_ce is not None, HAS_D=has_d, HAS_H=has_h, BLOCK=block, HAS_A=a is not None, HAS_M=g_m is not None,
+            num_warps=warps,
         )
     _state["worked"] = True
     return out
