@@ -436,9 +436,12 @@ def run(cfg: ExperimentConfig, resume_from_checkpoint=None, overwrite_output_dir
     args = trainer.args
     out = Path(args.output_dir)
     if args.should_save:
-        if resuming and trainer.calibration_sentences is not None:
-            _write_calibration_set(out, trainer.calibration_sentences)
-        cfg.save(out / CONFIG_FILENAME)
+        try:
+            if resuming and trainer.calibration_sentences is not None:
+                _write_calibration_set(out, trainer.calibration_sentences)
+            cfg.save(out / CONFIG_FILENAME)
+        except OSError as e:
+            raise CheckpointSaveError(save_failure_message(out / CONFIG_FILENAME, e)) from e
         saves = str(getattr(args.save_strategy, "value", args.save_strategy)) != "no"
         logs = "checkpoint-*/trainer_state.json" if saves else "trainer_state.json at the end"
         print(f"[emo-trainer] run directory: {out.resolve()}  (config: {CONFIG_FILENAME}, "
@@ -567,6 +570,10 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(f"\n{e}", file=sys.stderr, flush=True)
         return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading data, final evaluation)
+        print("\ninterrupted outside the training loop: nothing more was saved; run the command again "
+              "(with --resume_from_checkpoint true if the run has a checkpoint)", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     except Exception as e:
         # Error classes of the heavy modules are looked up only if those modules were imported:
         # a config error then costs the import of the config (torch), not of the Trainer stack.

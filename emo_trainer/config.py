@@ -445,7 +445,7 @@ def validate(cfg: ExperimentConfig) -> None:
     if m.config is not None and "model_type" not in m.config:
         raise ConfigError("model.config: needs a model_type, e.g. {model_type: gpt2, n_layer: 2, ...}")
     if m.config is not None:
-        _check_model_type(m.config["model_type"])
+        _check_model_config(m.config)
     if m.name_or_path is None and m.tokenizer is None and m.train_tokenizer_vocab_size is None:
         raise ConfigError("model: a fresh model needs model.tokenizer or model.train_tokenizer_vocab_size")
     if cfg.objective.chunk_size < 1:
@@ -463,16 +463,34 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"objective.{name}: {e}") from None
 
 
-def _check_model_type(model_type: Any) -> None:
-    """``model.config.model_type`` must be one transformers knows: checked with the config, before
-    any data is read (transformers' own error lists all ~400 types, after the data pass)."""
+def _check_model_config(conf: dict) -> None:
+    """``model.config``: a ``model_type`` transformers knows, and only keys its config class has
+    (transformers keeps a misspelt key such as ``n_layers`` as an unused attribute, silently).
+    Checked with the config, before any data is read (transformers' own model_type error lists
+    every type, after the data pass)."""
     from transformers import CONFIG_MAPPING
 
+    model_type = conf["model_type"]
     names = list(CONFIG_MAPPING.keys())
     if not isinstance(model_type, str) or model_type not in names:
         close = _suggest(str(model_type), names)
         raise ConfigError(f"model.config.model_type: unknown model type {model_type!r}{close}; use one transformers "
                           f"knows, e.g. gpt2, llama, qwen2 (transformers.CONFIG_MAPPING lists {len(names)})")
+    try:
+        default = CONFIG_MAPPING[model_type]()
+    except Exception:  # pragma: no cover - a config class that needs arguments: not checked here
+        return
+    known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
+    for k in conf:
+        if k == "model_type" or k in known or hasattr(default, k):
+            continue
+        try:  # a key the config class consumes (e.g. a legacy name it converts) is fine
+            kept_as_is = hasattr(type(default)(**{k: conf[k]}), k)
+        except Exception:
+            continue
+        if kept_as_is:  # transformers keeps an unknown key as a plain attribute that nothing reads
+            raise ConfigError(f"unknown key 'model.config.{k}'{_suggest(k, known)}: {type(default).__name__} has no "
+                              f"such setting (transformers would ignore it)")
 
 
 def validate_eval(e: EvalConfig) -> None:

@@ -87,6 +87,15 @@ def _load_error(e: BaseException) -> bool:
     return isinstance(e, (OSError, ValueError, KeyError, pickle.UnpicklingError, EOFError)) or "SafetensorError" in names
 
 
+def load_error_reason(e: BaseException) -> str:
+    """A short reason for :func:`_load_error` errors (torch's weights_only message is a paragraph)."""
+    import pickle
+
+    if isinstance(e, pickle.UnpicklingError):
+        return "UnpicklingError: the pickle holds objects that torch.load(weights_only=True) refuses to run"
+    return f"{type(e).__name__}: {_first_line(e)[:300]}"
+
+
 def _looks_local(name: str) -> bool:
     """A value meant as a local path (not a hub id like ``gpt2`` or ``org/model``)."""
     return name.startswith(("/", "./", "../", "~", "." + os.sep)) or Path(name).expanduser().exists()
@@ -128,7 +137,7 @@ def load_model(cfg: ModelConfig, tokenizer: Any):
         try:
             model = AutoModelForCausalLM.from_config(mconf, **kwargs)
         except ValueError as e:  # e.g. n_embd not divisible by n_head
-            raise ConfigError(f"model.config: {_first_line(e)}; fix the sizes in model.config") from None
+            raise ConfigError(f"model.config: {_first_line(e).rstrip('.')}; fix the sizes in model.config") from None
         if cfg.dtype in _DTYPES:
             model = model.to(_DTYPES[cfg.dtype])
         is_fresh = True
@@ -141,9 +150,9 @@ def load_model(cfg: ModelConfig, tokenizer: Any):
         except Exception as e:
             if not _load_error(e):
                 raise
-            raise ConfigError(f"model.name_or_path: cannot load '{cfg.name_or_path}' ({type(e).__name__}: "
-                              f"{_first_line(e)[:300]}); the weights files are damaged or not safe to load "
-                              f"(pickles are read with weights_only=True): re-download or re-save them") from None
+            raise ConfigError(f"model.name_or_path: cannot load '{cfg.name_or_path}' ({load_error_reason(e)}); the "
+                              f"weights files are damaged or not safe to load (pickles are read with "
+                              f"weights_only=True): re-download or re-save them") from None
         is_fresh = False
     n_model = model.get_input_embeddings().weight.shape[0]
     if n_tok > n_model:

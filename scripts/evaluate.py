@@ -250,10 +250,14 @@ def _load_model(path: str, tokenizer_path: str | None, dtype: str):
         tok = None
     if tok is None:
         raise _usage_error(f"checkpoint {path}: no tokenizer found (tried {', '.join(candidates)}); pass --tokenizer")
+    from emo_trainer.modeling import _load_error, load_error_reason
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    except (OSError, ValueError) as e:
-        raise _usage_error(f"checkpoint {path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # a truncated safetensors file, a pickle weights_only refuses: one line too
+        if not _load_error(e):
+            raise
+        raise _usage_error(f"checkpoint {path}: cannot load a causal LM ({load_error_reason(e)})") from None
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         raise _usage_error(f"checkpoint {path}: tokenizer has {len(tok)} tokens but the model's embedding only "
                            f"{model.get_input_embeddings().weight.shape[0]}; pass the run's tokenizer with --tokenizer")

@@ -215,3 +215,50 @@ def test_chunked_path_rejects_mis_shaped_labels():
         chunked_objective_loss(obj, hidden, weight, labels.reshape(6, 2))
     with pytest.raises(ValueError, match="outside"):
         chunked_objective_loss(obj, hidden, weight, labels + 11)
+
+
+# --------------------------------------------------------------------------- siblings
+def test_misspelt_model_config_key(tmp_path, capsys):
+    """transformers keeps ``n_layers`` as an unused attribute (a 12-layer model is built): refused."""
+    rc = main(["--config", QUICK, "--model.config", "{model_type: gpt2, n_layers: 1}", "--output_dir", str(tmp_path)])
+    assert rc == 2
+    assert "error: unknown key 'model.config.n_layers' (did you mean n_layer" in capsys.readouterr().err
+    from emo_trainer.config import load_config  # a key the config class converts (rope_theta → rope_parameters) is fine
+
+    load_config(QUICK, ["--model.config", "{model_type: llama, num_hidden_layers: 1, rope_theta: 10000.0}"])
+
+
+def test_emo_cost_embedding_pickle_refused(tmp_path, capsys):
+    import pickle
+
+    f = tmp_path / "cost.pt"
+    f.write_bytes(pickle.dumps({"x": _Evil()}))
+    rc = main(["--config", QUICK, *SMALL, "--objective", "emo", "--emo.cost_embedding", str(f),
+               "--output_dir", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert rc == 2 and "pwned" not in captured.out
+    assert "refuses to run" in captured.err.splitlines()[-1] and "Traceback" not in captured.err
+
+
+def test_evaluate_script_truncated_weights(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", Path(QUICK).parents[1] / "scripts" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rc = module.main([_truncated_model(tmp_path), "--eval-files", _file(tmp_path, "e.txt", "a b c\n"),
+                      "--output", str(tmp_path / "r.json"), "--no-generation"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot load a causal LM (SafetensorError" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_ctrl_c_outside_the_training_loop(tmp_path, capsys, monkeypatch):
+    from emo_trainer import cli
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_trainer", interrupted)
+    assert main(["--config", QUICK, "--output_dir", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted outside the training loop" in err and "Traceback" not in err

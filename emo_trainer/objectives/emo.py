@@ -99,6 +99,8 @@ def load_output_embedding(path: str) -> torch.Tensor:
         if not (isinstance(e, (OSError, ValueError, KeyError, EOFError, RuntimeError, pickle.UnpicklingError)) or "SafetensorError" in names):
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if isinstance(e, pickle.UnpicklingError):  # torch's weights_only message is a paragraph
+            first = "the pickle holds objects that torch.load(weights_only=True) refuses to run"
         raise ValueError(
             f"EMO cost_embedding '{path}' cannot be read ({type(e).__name__}: {first}); give a local model "
             "directory (config.json + weights), a .safetensors file with one tensor or a .pt tensor, "
