@@ -201,7 +201,7 @@ def _check_resume_weights(model, ckpt: Path, hint: str) -> None:
     for k, shape in saved.items():
         if k in mine and mine[k] != shape:
             raise ConfigError(f"--resume_from_checkpoint: {ckpt} holds {k} of shape {shape}, this config builds "
-                              f"{mine[k]} (the model size or the vocabulary changed); {hint}")
+                              f"{mine[k]} (the model size, model.lora or the vocabulary changed); {hint}")
     extra = sorted(saved.keys() - mine.keys())
     missing = sorted(set(mine) - covered)
     if extra or missing:

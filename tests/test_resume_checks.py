@@ -89,3 +89,15 @@ def test_trainer_api_refuses_objective_change(earlier_run, tmp_path, tiny_tokeni
                                train_dataset=[{"input_ids": [1, 2, 3]}], processing_class=tiny_tokenizer)
     with pytest.raises(ValueError, match="trained with objective 'mle', this run asks for 'mixce'"):
         trainer.train(resume_from_checkpoint=str(earlier_run / "checkpoint-2"))
+
+
+def test_lora_resume_is_checked_on_the_adapter(tmp_path, capsys):
+    """A LoRA run's checkpoint holds the adapter only: its shapes are compared (rank 4 vs 8), and the
+    same settings resume."""
+    out = tmp_path / "lora"
+    assert main(_args(out, "--max_steps", "2", "--model.lora", "{r: 4}")) == 0
+    before = _snapshot(out)
+    assert main(_args(out, "--max_steps", "4", "--resume_from_checkpoint", "true", "--model.lora", "{r: 8}")) == 2
+    assert "lora_A.weight of shape [4, 32], this config builds [8, 32]" in capsys.readouterr().err
+    assert _snapshot(out) == before
+    assert main(_args(out, "--max_steps", "4", "--resume_from_checkpoint", "true", "--model.lora", "{r: 4}")) == 0
