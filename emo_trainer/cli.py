@@ -183,7 +183,7 @@ def _check_resume_weights(model, ckpt: Path, hint: str) -> None:
     saved: dict[str, list[int]] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
+            for k in fh.keys():  # noqa: SIM118 - safe_open has keys(), no __iter__
                 saved[k] = list(fh.get_slice(k).get_shape())
     if peft:
         from peft import get_peft_model_state_dict

@@ -478,15 +478,15 @@ def _check_model_config(conf: dict) -> None:
                           f"knows, e.g. gpt2, llama, qwen2 (transformers.CONFIG_MAPPING lists {len(names)})")
     try:
         default = CONFIG_MAPPING[model_type]()
-    except Exception:  # pragma: no cover - a config class that needs arguments: not checked here
+    except Exception:  # noqa: BLE001 - a config class that needs arguments: not checked here
         return
     known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
-    for k in conf:
+    for k, v in conf.items():
         if k == "model_type" or k in known or hasattr(default, k):
             continue
         try:  # a key the config class consumes (e.g. a legacy name it converts) is fine
-            kept_as_is = hasattr(type(default)(**{k: conf[k]}), k)
-        except Exception:
+            kept_as_is = hasattr(type(default)(**{k: v}), k)
+        except Exception:  # noqa: BLE001, S112 - a value the class rejects: transformers will say so
             continue
         if kept_as_is:  # transformers keeps an unknown key as a plain attribute that nothing reads
             raise ConfigError(f"unknown key 'model.config.{k}'{_suggest(k, known)}: {type(default).__name__} has no "
@@ -565,7 +565,7 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 def safe_load(text: str) -> Any:
     """``yaml.safe_load`` that also refuses duplicate keys."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
 
 
 def load_yaml(path: str | Path) -> dict:

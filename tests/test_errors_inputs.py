@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_errors import QUICK, SMALL, _data, _file
 
 from emo_trainer.cli import main
-from test_errors import QUICK, SMALL, _data, _file
 
 
 def _model_dir(tmp_path: Path, tokenizer: bool = True) -> Path:
@@ -196,7 +196,7 @@ def test_objective_rejects_mis_shaped_labels(name):
         "too_large": (labels.masked_fill(labels == labels[0, 1], 11), "outside [0, 11)"),
         "negative": (labels.masked_fill(labels == labels[0, 1], -1), "outside [0, 11) and != -100"),
     }
-    for what, (lab, message) in bad.items():
+    for lab, message in bad.values():
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
             obj(logits, lab)
     ignored = labels.clone()

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_resume import _args, _assert_same_run
 
 from emo_trainer.cli import main
 from emo_trainer.trainer import COMPLETE_MARKER, last_complete_checkpoint
-from test_resume import _args, _assert_same_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

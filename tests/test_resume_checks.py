@@ -46,8 +46,9 @@ def _snapshot(d: Path) -> dict[str, str]:
 CASES = {
     "model_size": (["--model.config", "{model_type: gpt2, n_layer: 1, n_embd: 64, n_head: 2, n_positions: 64}"],
                    "model.config.n_embd is 64 but"),
-    "model_layers_not_in_config_keys": (["--model.config", "{model_type: gpt2, n_layer: 1, n_embd: 32, n_head: 2, "
-                                         "n_positions: 64, tie_word_embeddings: false}"], "lm_head.weight"),
+    "model_layers_not_in_config_keys": (["--model.config", ("{model_type: gpt2, n_layer: 1, n_embd: 32, n_head: 2, "
+                                                            "n_positions: 64, tie_word_embeddings: false}")],
+                                        "lm_head.weight"),
     "tokenizer_vocab_size": (["--model.train_tokenizer_vocab_size", "280"],
                              "model.train_tokenizer_vocab_size is 280 but the run in"),
     "tokenizer_vocabulary": (["--data.max_train_samples", "30"], "token(s) differ"),
@@ -79,10 +80,10 @@ def test_objective_change_with_the_flag(earlier_run, tmp_path, caplog):
 
 def test_trainer_api_refuses_objective_change(earlier_run, tmp_path, tiny_tokenizer):
     """The library path (ObjectiveTrainer.train) refuses it too, with a ValueError."""
+    from conftest import make_tiny_gpt2
     from transformers import TrainingArguments
 
     from emo_trainer.trainer import ObjectiveTrainer
-    from conftest import make_tiny_gpt2
 
     trainer = ObjectiveTrainer(model=make_tiny_gpt2(), objective="mixce",
                                args=TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none"),

@@ -7,10 +7,11 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
+from test_errors import QUICK, SMALL
+
 from emo_trainer import trainer as trainer_mod
 from emo_trainer.cli import main
 from emo_trainer.trainer import COMPLETE_MARKER, last_complete_checkpoint
-from test_errors import QUICK, SMALL
 
 
 def _args(out: Path) -> list[str]:
