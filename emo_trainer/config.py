@@ -196,7 +196,7 @@ def _type_name(tp: Any) -> str:
 def _yaml_value(text: str, key: str) -> Any:
     """``text`` parsed as a YAML value (a list or mapping given on the command line)."""
     try:
-        return yaml.safe_load(text)
+        return safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{key}: malformed value {text!r} ({getattr(e, 'problem', None) or 'not valid YAML'}); "
                           "write a list as [a, b] and a mapping as {k: v}, quoted for the shell") from None
@@ -341,6 +341,9 @@ def _build_section(cls, raw: dict, section: str):
 
 
 def _build_objective(raw: dict | None) -> ObjectiveConfig:
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"objective: expected a mapping of keys (e.g. {{name: emo}}), got {raw!r}; "
+                          f"on the command line: --objective emo")
     raw = dict(raw or {})
     types_ = _dataclass_types(ObjectiveConfig)
     options: dict[str, dict] = {}
@@ -395,7 +398,10 @@ def build_config(raw: dict) -> ExperimentConfig:
         if k not in ttypes:
             raise ConfigError(f"unknown key 'training.{k}'{_suggest(k, ttypes)} (not a transformers.TrainingArguments field)")
         training[k] = coerce(v, ttypes[k], f"training.{k}")
-    ev = dict(raw.get("eval") or {})
+    ev = raw.get("eval")
+    if ev is not None and not isinstance(ev, dict):
+        raise ConfigError(f"eval: expected a mapping of keys (e.g. {{generation: false}}), got {ev!r}")
+    ev = dict(ev or {})
     cfg = ExperimentConfig(
         model=_build_section(ModelConfig, raw.get("model"), "model"),
         data=_build_section(DataConfig, raw.get("data"), "data"),
@@ -438,6 +444,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("model: set model.name_or_path (hub id or local path) or model.config (to build a fresh model)")
     if m.config is not None and "model_type" not in m.config:
         raise ConfigError("model.config: needs a model_type, e.g. {model_type: gpt2, n_layer: 2, ...}")
+    if m.config is not None:
+        _check_model_config(m.config)
     if m.name_or_path is None and m.tokenizer is None and m.train_tokenizer_vocab_size is None:
         raise ConfigError("model: a fresh model needs model.tokenizer or model.train_tokenizer_vocab_size")
     if cfg.objective.chunk_size < 1:
@@ -453,6 +461,36 @@ def validate(cfg: ExperimentConfig) -> None:
             objective_class(name)(**cfg.objective.options.get(name, {}))
         except (ObjectiveError, ValueError, TypeError) as e:
             raise ConfigError(f"objective.{name}: {e}") from None
+
+
+def _check_model_config(conf: dict) -> None:
+    """``model.config``: a ``model_type`` transformers knows, and only keys its config class has
+    (transformers keeps a misspelt key such as ``n_layers`` as an unused attribute, silently).
+    Checked with the config, before any data is read (transformers' own model_type error lists
+    every type, after the data pass)."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = conf["model_type"]
+    names = list(CONFIG_MAPPING.keys())
+    if not isinstance(model_type, str) or model_type not in names:
+        close = _suggest(str(model_type), names)
+        raise ConfigError(f"model.config.model_type: unknown model type {model_type!r}{close}; use one transformers "
+                          f"knows, e.g. gpt2, llama, qwen2 (transformers.CONFIG_MAPPING lists {len(names)})")
+    try:
+        default = CONFIG_MAPPING[model_type]()
+    except Exception:  # noqa: BLE001 - a config class that needs arguments: not checked here
+        return
+    known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
+    for k, v in conf.items():
+        if k == "model_type" or k in known or hasattr(default, k):
+            continue
+        try:  # a key the config class consumes (e.g. a legacy name it converts) is fine
+            kept_as_is = hasattr(type(default)(**{k: v}), k)
+        except Exception:  # noqa: BLE001, S112 - a value the class rejects: transformers will say so
+            continue
+        if kept_as_is:  # transformers keeps an unknown key as a plain attribute that nothing reads
+            raise ConfigError(f"unknown key 'model.config.{k}'{_suggest(k, known)}: {type(default).__name__} has no "
+                              f"such setting (transformers would ignore it)")
 
 
 def validate_eval(e: EvalConfig) -> None:
@@ -536,13 +574,44 @@ def build_objective(ocfg: ObjectiveConfig):
 
 
 # --------------------------------------------------------------------------- YAML + CLI
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last
+    one silently: a config with two ``learning_rate:`` lines would train with whichever comes last)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: let the SafeLoader say so
+            break
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}' (first at line {first.line + 1}): remove one of them",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load`` that also refuses duplicate keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+
+
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML config safely; clear errors for missing or malformed files."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config: {path} is a directory; give a YAML file, e.g. configs/quickstart.yaml")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -627,7 +696,7 @@ def _resolve_key(key: str) -> list[str]:
 
 def _parse_cli_value(val: str) -> Any:
     try:
-        return yaml.safe_load(val)
+        return safe_load(val)
     except yaml.YAMLError:
         return val
 

@@ -39,6 +39,10 @@ def _file_format(files: list[str], key: str) -> str:
         p = Path(f)
         if not p.exists():
             raise DataError(f"data.{key}: file not found: {f}")
+        if p.is_dir():
+            raise DataError(f"data.{key}: {f} is a directory; list its files instead, e.g. [{p / 'train.txt'}]")
+        if p.stat().st_size == 0:
+            raise DataError(f"data.{key}: {f} is empty (0 bytes); give a file with text, or remove it from data.{key}")
         ext = p.suffix.lower()
         if ext not in _FORMATS:
             raise DataError(f"data.{key}: unsupported file type '{ext}' ({f}); use .txt, .jsonl, .json, .parquet or .csv")
@@ -84,11 +88,24 @@ def load_raw_splits(cfg: DataConfig, seed: int = 42):
             data_files["validation"] = list(cfg.validation_files)
             if _file_format(data_files["validation"], "validation_files") != fmt:
                 raise DataError("data.validation_files: must have the same format as data.train_files")
+        _warn_shared_files(data_files)
         kwargs = {"keep_linebreaks": False} if fmt == "text" else {}
+        # datasets logs a malformed JSON line as an ERROR with its traceback before raising: the
+        # error line below says it (path, line number) instead
+        json_log = logging.getLogger("datasets.packaged_modules.json.json")
+        level = json_log.level
+        json_log.setLevel(logging.CRITICAL)
         try:
             raw = datasets.load_dataset(fmt, data_files=data_files, **kwargs)
         except Exception as e:  # datasets raises many types for unreadable files
+            for split, key in (("train", "train_files"), ("validation", "validation_files")):
+                for f in data_files.get(split, []):
+                    problem = _file_problem(f, fmt)
+                    if problem:
+                        raise DataError(f"data.{key}: {problem}") from None
             raise DataError(f"data.train_files: could not read the files ({type(e).__name__}: {_short(e)})") from None
+        finally:
+            json_log.setLevel(level)
     else:
         try:
             raw = datasets.load_dataset(cfg.dataset, cfg.dataset_config)
@@ -107,6 +124,9 @@ def load_raw_splits(cfg: DataConfig, seed: int = 42):
                 f"(columns: {', '.join(raw[split].column_names)})"
             )
         raw[split] = raw[split].select_columns([cfg.text_column])
+    for split in ("train", "validation"):
+        if split in raw:
+            _check_text_values(raw[split], cfg, split)
     if "validation" not in raw:
         if cfg.validation_split_percentage <= 0:
             raise DataError("data: no validation split; set data.validation_files or data.validation_split_percentage > 0")
@@ -134,6 +154,99 @@ def load_raw_splits(cfg: DataConfig, seed: int = 42):
         if len(raw[split]) == 0:
             raise DataError(f"data: the {split} split has no usable text in column '{cfg.text_column}'")
     return raw
+
+
+def _warn_shared_files(data_files: dict[str, list[str]]) -> None:
+    """A file given for both training and validation: the eval loss then measures memorisation."""
+    train = {Path(f).resolve(): f for f in data_files["train"]}
+    shared = [f for f in data_files.get("validation", []) if Path(f).resolve() in train]
+    if shared:
+        logger.warning("data.validation_files: %s is also in data.train_files: the validation loss and perplexity "
+                       "then measure memorised text, not held-out text; give a separate validation file, or leave "
+                       "data.validation_files empty to hold out data.validation_split_percentage of the training text",
+                       ", ".join(shared))
+
+
+def _file_problem(path: str, fmt: str) -> str | None:
+    """What makes one data file unreadable (called when ``datasets`` failed): a malformed JSON line,
+    a CSV with a header only...; None when nothing is found."""
+    import json
+
+    p = Path(path)
+    if fmt == "json":
+        text = p.read_text(encoding="utf-8")
+        if text.lstrip().startswith("["):  # one JSON document (a list of records)
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as e:
+                return f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix the file"
+            return None
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                return (f"{path} line {lineno} is not valid JSON ({e.msg}, column {e.colno}); fix or remove that line "
+                        f"(JSONL: one JSON object per line)")
+            if not isinstance(row, dict):
+                return f"{path} line {lineno} is a JSON {type(row).__name__}, not an object; JSONL needs one {{\"text\": ...}} per line"
+        return None
+    if fmt == "csv":
+        lines = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if len(lines) <= 1:
+            return f"{path} has a header line but no rows; add rows, or remove the file"
+    return None
+
+
+def _check_text_values(ds, cfg: DataConfig, split: str) -> None:
+    """Every row's text must be a string.  Other values (a number, a list: a column mixing types, as JSON
+    allows) stop the run naming the first such row; null rows are skipped with a warning giving their
+    count (like empty strings, they hold no text).  Nothing is dropped without a word."""
+    import datasets
+
+    col = cfg.text_column
+    feature = ds.features[col]
+    files = list((cfg.train_files if split == "train" else cfg.validation_files) or [])
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        nulls, bad, first = ds.data.column(col).null_count, 0, None
+    else:
+        nulls, bad, first = 0, 0, None
+        for i, v in enumerate(ds[col]):
+            if v is None:
+                nulls += 1
+            elif not isinstance(v, str):
+                bad += 1
+                if first is None:
+                    first = (i, v)
+    if bad:
+        i, v = first
+        shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+        raise DataError(
+            f"data: {bad} of {len(ds)} rows of the {split} split hold no text string in column '{col}' (first: "
+            f"{_row_location(files, i, split)}, a {type(v).__name__}: {shown}); make that column text in every row "
+            f"(e.g. quote numbers, join lists), or remove those rows"
+        )
+    if nulls:
+        logger.warning("data: %d of %d rows of the %s split have null in column '%s' (%s); they are skipped",
+                       nulls, len(ds), split, col, ", ".join(files) or cfg.dataset)
+
+
+def _row_location(files: list[str], index: int, split: str) -> str:
+    """Where row ``index`` (0-based, files concatenated in order) of a split comes from: the file and,
+    for JSONL, the line."""
+    if files and all(Path(f).suffix.lower() == ".jsonl" for f in files):
+        n = -1
+        for f in files:
+            with open(f, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if line.strip():
+                        n += 1
+                        if n == index:
+                            return f"{f} line {lineno}"
+    if len(files) == 1:
+        return f"row {index + 1} of {files[0]}"
+    return f"row {index + 1} of the {split} split"
 
 
 def _short(e: Exception) -> str:

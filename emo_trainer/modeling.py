@@ -55,15 +55,45 @@ def load_tokenizer(cfg: ModelConfig, train_texts: Iterable[str] | None = None, s
     name = cfg.tokenizer or cfg.name_or_path
     key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"  # blame the key the user set
     _check_local(key, name)
+    local = Path(name).expanduser()
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        # transformers would build a 1-token tokenizer from config.json alone, silently
+        raise ConfigError(f"{key}: {name} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); set "
+                          f"model.tokenizer to the tokenizer's directory or hub id")
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}: cannot load tokenizer '{name}' ({_first_line(e)})") from None
+    if len(tok) < 2:
+        raise ConfigError(f"{key}: the tokenizer of '{name}' has {len(tok)} token(s); set model.tokenizer to a real one")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     if tok.eos_token is None:
         raise ConfigError(f"model.tokenizer: tokenizer '{name}' has no EOS token; use one that defines eos_token")
     return tok
+
+
+#: Files one of which a tokenizer directory holds.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "vocab.txt")
+
+
+def _load_error(e: BaseException) -> bool:
+    """An error of reading saved weights (not a bug): unreadable/truncated files, a pickle that
+    ``torch.load(weights_only=True)`` refuses, a wrong config."""
+    import pickle
+
+    names = {c.__name__ for c in type(e).__mro__}
+    return isinstance(e, (OSError, ValueError, KeyError, pickle.UnpicklingError, EOFError)) or "SafetensorError" in names
+
+
+def load_error_reason(e: BaseException) -> str:
+    """A short reason for :func:`_load_error` errors (torch's weights_only message is a paragraph)."""
+    import pickle
+
+    if isinstance(e, pickle.UnpicklingError):
+        return "UnpicklingError: the pickle holds objects that torch.load(weights_only=True) refuses to run"
+    return f"{type(e).__name__}: {_first_line(e)[:300]}"
 
 
 def _looks_local(name: str) -> bool:
@@ -104,7 +134,10 @@ def load_model(cfg: ModelConfig, tokenizer: Any):
             mconf = AutoConfig.for_model(model_type, **conf)
         except (ValueError, KeyError) as e:
             raise ConfigError(f"model.config: {_first_line(e)}") from None
-        model = AutoModelForCausalLM.from_config(mconf, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_config(mconf, **kwargs)
+        except ValueError as e:  # e.g. n_embd not divisible by n_head
+            raise ConfigError(f"model.config: {_first_line(e).rstrip('.')}; fix the sizes in model.config") from None
         if cfg.dtype in _DTYPES:
             model = model.to(_DTYPES[cfg.dtype])
         is_fresh = True
@@ -114,8 +147,12 @@ def load_model(cfg: ModelConfig, tokenizer: Any):
         _check_local("model.name_or_path", cfg.name_or_path)
         try:
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"model.name_or_path: cannot load '{cfg.name_or_path}' ({_first_line(e)})") from None
+        except Exception as e:
+            if not _load_error(e):
+                raise
+            raise ConfigError(f"model.name_or_path: cannot load '{cfg.name_or_path}' ({load_error_reason(e)}); the "
+                              f"weights files are damaged or not safe to load (pickles are read with "
+                              f"weights_only=True): re-download or re-save them") from None
         is_fresh = False
     n_model = model.get_input_embeddings().weight.shape[0]
     if n_tok > n_model:
@@ -140,13 +177,16 @@ def apply_lora(model, lora: dict):
     unknown = set(lora) - known
     if unknown:
         raise ConfigError(f"unknown key 'model.lora.{sorted(unknown)[0]}'; valid keys: {', '.join(sorted(known))}")
-    conf = LoraConfig(
-        r=int(lora.get("r", 32)),
-        lora_alpha=int(lora.get("alpha", 16)),
-        lora_dropout=float(lora.get("dropout", 0.05)),
-        target_modules=lora.get("target_modules"),
-        bias=lora.get("bias", "none"),
-        modules_to_save=lora.get("modules_to_save"),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, conf)
+    try:
+        conf = LoraConfig(
+            r=int(lora.get("r", 32)),
+            lora_alpha=int(lora.get("alpha", 16)),
+            lora_dropout=float(lora.get("dropout", 0.05)),
+            target_modules=lora.get("target_modules"),
+            bias=lora.get("bias", "none"),
+            modules_to_save=lora.get("modules_to_save"),
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, conf)
+    except (ValueError, TypeError) as e:  # r: 0, a target module the model lacks...
+        raise ConfigError(f"model.lora: {_first_line(e)}") from None

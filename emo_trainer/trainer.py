@@ -57,6 +57,11 @@ class NonFiniteLossError(FloatingPointError):
     """Raised when an objective produces a NaN/Inf loss and ``on_nonfinite='raise'``."""
 
 
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint (or the final model) failed, e.g. a full disk; the message names the
+    last complete checkpoint, which is untouched."""
+
+
 class ObjectiveTrainer(Trainer):
     """Trainer for causal LMs with a configurable training objective.
 
@@ -345,29 +350,50 @@ class ObjectiveTrainer(Trainer):
         """
         limit = self.args.save_total_limit
         self.args.save_total_limit = None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
         run_dir = self._get_output_dir(trial=trial)
         ckpt = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
-        if self.args.should_save:
-            save_objective_state(self.objective, ckpt)
-            with open(os.path.join(ckpt, COMPLETE_MARKER), "w") as fh:
-                json.dump({"global_step": self.state.global_step, "objective": self.objective.name}, fh)
+        try:
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.save_total_limit = limit
+            if self.args.should_save:
+                save_objective_state(self.objective, ckpt)
+                with open(os.path.join(ckpt, COMPLETE_MARKER), "w") as fh:
+                    json.dump({"global_step": self.state.global_step, "objective": self.objective.name}, fh)
+        except OSError as e:  # a full disk, a directory made read-only meanwhile...
+            if isinstance(e, CheckpointSaveError):
+                raise
+            try:  # a marker cut short by the failure must not make the checkpoint look complete
+                Path(ckpt, COMPLETE_MARKER).unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise CheckpointSaveError(save_failure_message(ckpt, e)) from e
         if self.args.world_size > 1:
             self.accelerator.wait_for_everyone()
         if limit is not None and self.args.should_save:
             _rotate(self, run_dir, limit)
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, allow_objective_change: bool = False, **kwargs):
         """``Trainer.train`` that also restores the objective's state from the checkpoint.
 
         ``resume_from_checkpoint=True`` picks the last *complete* checkpoint in ``output_dir``.
+        A checkpoint written with another objective is refused (``ValueError``) unless
+        ``allow_objective_change``: then the weights, optimizer, scheduler and step carry over and
+        this objective starts from its own initial state (the old objective's state is not read).
         """
         resume_from_checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir, require_complete=False)
         if resume_from_checkpoint:
-            load_objective_state(self.objective, Path(resume_from_checkpoint))
+            path = Path(resume_from_checkpoint)
+            old = checkpoint_objective(path)
+            if old is not None and old != self.objective.name:
+                if not allow_objective_change:
+                    raise CheckpointError(objective_change_message(path, old, self.objective.name))
+                logger.warning("resuming %s (trained with objective '%s') with objective '%s': weights, optimizer, "
+                               "scheduler and step carry over; '%s' starts from its initial state", path, old,
+                               self.objective.name, self.objective.name)
+            else:
+                load_objective_state(self.objective, path)
         self.objective.reset_step_scale()  # nothing left over from an interrupted step
         self._step_loss = None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
@@ -475,6 +501,37 @@ def load_objective_state(objective: Objective, directory: str | os.PathLike) -> 
         state.update(load_file(str(directory / OBJECTIVE_STATE_TENSORS)))
     objective.load_state_dict(state)
     return True
+
+
+def checkpoint_objective(checkpoint: str | os.PathLike) -> str | None:
+    """The objective a checkpoint was written with (its completion marker), or None if unknown."""
+    for name in (COMPLETE_MARKER, OBJECTIVE_STATE_JSON):
+        f = Path(checkpoint) / name
+        if f.is_file():
+            try:
+                found = json.loads(f.read_text()).get("objective")
+            except (ValueError, OSError, AttributeError):
+                continue
+            if found:
+                return found
+    return None
+
+
+def objective_change_message(checkpoint, old: str, new: str) -> str:
+    return (f"--resume_from_checkpoint: {checkpoint} was trained with objective '{old}', this run asks for '{new}'; "
+            f"resume with --objective {old}, or pass --allow_objective_change to go on with '{new}' (weights, "
+            f"optimizer, scheduler and step carry over; '{new}' starts from its initial state, '{old}''s is dropped)")
+
+
+def save_failure_message(checkpoint: str | os.PathLike, err: OSError) -> str:
+    """One line for a checkpoint (or final model) that could not be written: what failed, and the
+    last complete checkpoint, which is untouched."""
+    checkpoint = Path(checkpoint)
+    last = last_complete_checkpoint(checkpoint.parent)
+    reason = f"{type(err).__name__}: {err.strerror or err}" if isinstance(err, OSError) else str(err)
+    keep = (f"the last complete checkpoint is {last}: free space (or fix the directory) and resume with "
+            f"--resume_from_checkpoint true" if last else "no complete checkpoint was written before it")
+    return f"could not write {checkpoint} ({reason}); {keep}"
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:

@@ -48,7 +48,7 @@ def main() -> int:
                     _sleep_forever(marker)
 
         build = cli.build_trainer
-        cli.build_trainer = lambda cfg, callbacks=None: build(cfg, callbacks=[*(callbacks or []), Pause()])
+        cli.build_trainer = lambda cfg, callbacks=None, **kw: build(cfg, callbacks=[*(callbacks or []), Pause()], **kw)
     if a.pause_in_save:
         step, marker = int(a.pause_in_save[0]), a.pause_in_save[1]
         save = trainer_mod.save_objective_state

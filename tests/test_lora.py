@@ -113,7 +113,7 @@ def test_merge_finds_a_relative_base_from_elsewhere_and_keeps_the_backspace_acti
 
     tmp_path, base = llama_run
     monkeypatch.chdir(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained("./base")  # recorded relative, as a run records ../shared/...
+    model = AutoModelForCausalLM.from_pretrained("./base")  # recorded relative, as a run records a relative --model path
     tok = AutoTokenizer.from_pretrained("./base")
     bk = add_backspace_token(model, tok)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))

@@ -67,7 +67,7 @@ DOC_RESULTS = ROOT / "docs" / "results" / "gpu-verification.json"
 SITE = Path("/tmp/site")
 BENCHMARK = ROOT / "benchmarks" / "benchmark.py"
 
-#: A fresh GPT-2 of the base model's shape (../shared/models/gpt2-gutenberg-30m), dropout off so that runs
+#: A fresh GPT-2 of the base model's shape (gpt2-gutenberg-30m: 6 layers, width 384), dropout off so that runs
 #: under different launchers can be compared step by step.
 FRESH_GPT2 = {"model_type": "gpt2", "n_layer": 6, "n_embd": 384, "n_head": 6, "n_positions": 512,
               "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
@@ -522,7 +522,7 @@ def _need(ctx: Ctx, *modules: str, cuda: bool = False) -> None:
 def _need_data(ctx: Ctx, *keys: str) -> None:
     missing = [k for k in keys if k not in ctx.data]
     if missing or ctx.tokenizer is None:
-        raise Skip(f"data not found: {missing or 'tokenizer'} (stage .local-data/gpu15 or have ../shared)")
+        raise Skip(f"data not found: {missing or 'tokenizer'} (stage .local-data/gpu15, or set EMO_TRAINER_ASSETS)")
 
 
 def _fresh_model_args(ctx: Ctx) -> list[str]:

@@ -119,10 +119,14 @@ def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None, dtype
 
     check_checkpoint_dir(path)
     tok = load_tokenizer_of(path, tokenizer)
+    from ..modeling import _load_error, load_error_reason
+
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - a truncated safetensors file, a pickle weights_only refuses: one line too
+        if not _load_error(e):
+            raise
+        raise CheckpointError(f"checkpoint {path}: cannot load a causal LM ({load_error_reason(e)})") from None
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tok) > rows:
         raise CheckpointError(f"checkpoint {path}: tokenizer has {len(tok)} tokens but the model's embedding only "

@@ -68,6 +68,35 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torc
     return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
 
 
+def check_labels(labels: Any, leading_shape: tuple[int, ...], vocab_size: int, values: bool = True,
+                 what: str = "logits") -> None:
+    """``labels`` must be an integer tensor of shape ``leading_shape`` (the logits' shape without the
+    vocabulary axis) with values in [0, ``vocab_size``) or −100; raises one ``ValueError`` otherwise.
+
+    A mis-shaped label tensor with the right number of elements would otherwise be reshaped into a
+    loss against the wrong targets, and an out-of-range id is a device-side assert on CUDA.  The
+    value check reads one boolean on the host (``values=False`` skips it: the trainer's own batches
+    come from token ids the embedding has already looked up).
+    """
+    if not torch.is_tensor(labels):
+        raise ValueError(f"labels must be a torch.Tensor of token ids, got {type(labels).__name__}")
+    if tuple(labels.shape) != tuple(leading_shape):
+        raise ValueError(
+            f"labels have shape {tuple(labels.shape)} but the {what} need {tuple(leading_shape)} (the {what}' shape "
+            f"without the last axis); pass the unshifted labels of the same batch, e.g. input_ids with -100 on padding"
+        )
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must be integer token ids (torch.long), got dtype {labels.dtype}")
+    if values and labels.numel():
+        bad = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= vocab_size)
+        if bool(bad.any()):
+            first = labels[bad].reshape(-1)[0].item()
+            raise ValueError(
+                f"labels hold {int(bad.sum())} value(s) outside [0, {vocab_size}) and != {IGNORE_INDEX} (e.g. {first}); "
+                f"the vocabulary has {vocab_size} entries; mark ignored positions with {IGNORE_INDEX}"
+            )
+
+
 def _world_size() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
@@ -207,6 +236,10 @@ class Objective:
         those named in ``extra_position_keys`` (when present) are flattened to (n, ...) and passed
         to ``token_stats``.
         """
+        if not torch.is_tensor(logits) or logits.dim() < 2:
+            raise ValueError(f"logits must be a tensor (..., T, V), got {getattr(logits, 'shape', type(logits).__name__)}")
+        # the trainer (defer_metrics) skips the host read of the value check: its labels are token ids
+        check_labels(labels, logits.shape[:-1], logits.shape[-1], values=not self.defer_metrics)
         targets = shift_labels(labels).reshape(-1)
         flat_logits = logits.reshape(-1, logits.shape[-1])
         if not (self.fp32_math_inside and flat_logits.dtype in (torch.bfloat16, torch.float16)):

@@ -85,6 +85,30 @@ def full_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def load_output_embedding(path: str) -> torch.Tensor:
+    """:func:`_load_output_embedding`, with a file or directory that cannot be read as one line
+    naming the option (a directory without a model, a truncated file, a pickle that
+    ``torch.load(weights_only=True)`` refuses)."""
+    import pickle
+
+    try:
+        return _load_output_embedding(path)
+    except Exception as e:
+        if isinstance(e, ValueError) and str(e).startswith("EMO "):  # already says what is wrong
+            raise
+        names = {c.__name__ for c in type(e).__mro__}
+        if not (isinstance(e, (OSError, ValueError, KeyError, EOFError, RuntimeError, pickle.UnpicklingError)) or "SafetensorError" in names):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if isinstance(e, pickle.UnpicklingError):  # torch's weights_only message is a paragraph
+            first = "the pickle holds objects that torch.load(weights_only=True) refuses to run"
+        raise ValueError(
+            f"EMO cost_embedding '{path}' cannot be read ({type(e).__name__}: {first}); give a local model "
+            "directory (config.json + weights), a .safetensors file with one tensor or a .pt tensor, "
+            "or cost_embedding='initial' / 'live'"
+        ) from None
+
+
+def _load_output_embedding(path: str) -> torch.Tensor:
     """The lm_head weight (V×d_c) of the model saved at ``path``.
 
     ``path`` is a local model directory (loaded with ``AutoModelForCausalLM``) or a file

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..objectives.base import IGNORE_INDEX, Objective, ObjectiveOutput, shift_labels
+from ..objectives.base import IGNORE_INDEX, Objective, ObjectiveOutput, check_labels, shift_labels
 from .fused import GEMM_ALIGN, no_autocast, pad_rows, row_stats_cache
 
 DEFAULT_CHUNK_SIZE = 2048
@@ -196,6 +196,7 @@ def chunked_objective_loss(
     Same arguments and result as ``objective(logits, labels, num_items_in_batch)``, with
     ``logits = hidden @ weight.T + bias`` never materialised.
     """
+    check_labels(labels, hidden.shape[:-1], weight.shape[0], values=not objective.defer_metrics, what="hidden states")
     targets = shift_labels(labels).reshape(-1)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     valid = targets != IGNORE_INDEX
