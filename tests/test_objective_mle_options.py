@@ -27,7 +27,7 @@ from reference_losses import (
 )
 
 from emo_trainer.objectives import get_objective, shift_labels
-from emo_trainer.objectives.fused import softmax_stats
+from emo_trainer.ops.fused import softmax_stats
 
 OPTIONS = [{"label_smoothing": 0.1, "z_loss": 0.0}, {"label_smoothing": 0.0, "z_loss": 1e-2},
            {"label_smoothing": 0.3, "z_loss": 1e-3}]

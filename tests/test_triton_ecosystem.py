@@ -3,7 +3,7 @@
 * logsumexp and the mean of the finite logits as differentiable statistics of ``softmax_stats``
   (``mle``'s z-loss and label smoothing): their gradients folded into the one backward kernel
   (``HAS_A``, ``HAS_M``), alone, with CE, and with the entropy;
-* EAFT's top-k entropy kernel (``triton_topk.py``: running top-k, no sort of the row) against a
+* EAFT's top-k entropy kernel (``ops/triton_topk.py``: running top-k, no sort of the row) against a
   full sort, with −∞ columns and k ≥ V, and its fallback to ``torch.topk``;
 * ``ObjectiveTrainer`` on both loss paths: the kernels give the PyTorch code's loss and gradients.
 """
@@ -24,9 +24,9 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # conftest sets it before triton 
     pytest.skip("Triton's interpreter is off (TRITON_INTERPRET != 1)", allow_module_level=True)
 
 from emo_trainer.data import CausalLMCollator  # noqa: E402
-from emo_trainer.objectives import triton_stats, triton_topk  # noqa: E402
+from emo_trainer.ops import triton_stats, triton_topk  # noqa: E402
 from emo_trainer.objectives.eaft import topk_entropy  # noqa: E402
-from emo_trainer.objectives.fused import softmax_stats  # noqa: E402
+from emo_trainer.ops.fused import softmax_stats  # noqa: E402
 from emo_trainer.trainer import ObjectiveTrainer  # noqa: E402
 
 
@@ -97,7 +97,7 @@ def test_topk_kernel_failure_falls_back_to_torch_once(interpret, monkeypatch, ca
     monkeypatch.setattr(triton_topk.triton, "jit", broken)
     monkeypatch.setattr(triton_topk, "_JITTED", {})
     z = torch.randn(3, 50)
-    with caplog.at_level(logging.WARNING, logger="emo_trainer.objectives.triton_topk"):
+    with caplog.at_level(logging.WARNING, logger="emo_trainer.ops.triton_topk"):
         got = topk_entropy(z, 20)
     assert "torch.topk instead" in caplog.text and triton_topk._state["disabled"]
     assert torch.allclose(got.double(), topk_entropy_ref(z.double(), 20), atol=1e-6)
