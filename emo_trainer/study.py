@@ -129,7 +129,7 @@ def test_documents(args) -> list[str]:
 
 
 def eval_config(args):
-    from emo_trainer.evaluation.config import EvalConfig
+    from emo_trainer.evaluation.config import EvalConfig, parse_decoding
 
     return EvalConfig(
         num_prompts=len(prompts_of(args)), prompt_words=args.prompt_words, continuation_words=args.continuation_words,
@@ -138,19 +138,6 @@ def eval_config(args):
         mauve=not getattr(args, "no_mauve", False) or args.stage == "score",
         mauve_device="cpu" if not _cuda() else "auto", decodings=tuple(parse_decoding(d) for d in args.decodings),
     )
-
-
-def parse_decoding(spec: str) -> dict:
-    """``top_p=0.95`` or ``name=nucleus,top_p=0.95`` → an ``eval.decodings`` entry."""
-    from emo_trainer.config import cli_value
-
-    out = {}
-    for part in spec.split(","):
-        key, eq, value = part.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"--decodings {spec!r}: write KEY=VALUE[,KEY=VALUE], e.g. top_p=0.95")
-        out[key.strip()] = cli_value(["eval", "decodings", key.strip()], value.strip())
-    return out
 
 
 def _cuda() -> bool:

@@ -241,12 +241,9 @@ def test_emo_cost_embedding_pickle_refused(tmp_path, capsys):
 
 
 def test_evaluate_script_truncated_weights(tmp_path, capsys):
-    import importlib.util
+    from emo_trainer.evaluation import evaluate_cli
 
-    spec = importlib.util.spec_from_file_location("evaluate_script", Path(QUICK).parents[1] / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    rc = module.main([_truncated_model(tmp_path), "--eval-files", _file(tmp_path, "e.txt", "a b c\n"),
+    rc = evaluate_cli.main([_truncated_model(tmp_path), "--eval-files", _file(tmp_path, "e.txt", "a b c\n"),
                       "--output", str(tmp_path / "r.json"), "--no-generation"])
     err = capsys.readouterr().err
     assert rc == 2 and "cannot load a causal LM (SafetensorError" in err and "Traceback" not in err, err[-2000:]

@@ -66,6 +66,22 @@ def test_two_checkpoints_two_seeds(setup):
     assert a["perplexity"] != b["perplexity"]
 
 
+def test_decodings_each_under_its_name(setup):
+    out = setup / "decodings.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        rc = _script().main([str(setup / "ckpt0"), "--eval-files", str(setup / "eval.txt"), "--seeds", "0",
+                             "--output", str(out), "--decodings", "top_p=0.9", "name=greedy,top_k=1", *COMMON])
+    assert rc == 0
+    r = json.loads(out.read_text())["checkpoints"][str(setup / "ckpt0")]
+    for name in ("top_p0.9", "greedy"):
+        assert 0 < r[f"{name}_mauve"] <= 1 and f"{name}_rep_2" in r and f"{name}_diversity" in r
+    assert r["greedy_distinct_2"] < r["distinct_2"]  # top-k 1 repeats itself; pure sampling does not
+    rc = _script().main([str(setup / "ckpt0"), "--eval-files", str(setup / "eval.txt"), "--output", str(out),
+                         "--decodings", "top_p", *COMMON])
+    assert rc == 2
+
+
 def test_jsonl_column_and_perplexity_only(setup):
     out = setup / "ppl.json"
     rc = _script().main([str(setup / "ckpt0"), "--eval-files", str(setup / "eval.jsonl"), "--text-column", "body",

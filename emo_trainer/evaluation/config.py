@@ -102,3 +102,17 @@ class EvalConfig:
                 int(d.get("top_k", main.top_k)), float(d.get("top_p", main.top_p)),
             ))
         return out
+
+
+def parse_decoding(spec: str) -> dict:
+    """A command-line decoding setting: ``top_p=0.95`` or ``name=nucleus,top_p=0.95,temperature=0.9``
+    → an ``eval.decodings`` entry (values read as YAML; checked by ``config.validate_eval``)."""
+    from ..config import ConfigError, cli_value
+
+    out = {}
+    for part in spec.split(","):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--decodings {spec!r}: write KEY=VALUE[,KEY=VALUE], e.g. top_p=0.95")
+        out[key.strip()] = cli_value(["eval", "decodings", key.strip()], value.strip())
+    return out

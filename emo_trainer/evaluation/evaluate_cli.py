@@ -70,6 +70,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="eval.max_new_tokens")
     p.add_argument("--batch-size", type=int, help="eval.batch_size (generation) and perplexity batch size")
     p.add_argument("--block-size", type=int, help="data.block_size for perplexity")
+    p.add_argument("--decodings", nargs="+", metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="decoding settings besides the main one, each logged under its name (eval.decodings), "
+                        "e.g. --decodings top_p=0.95 adds top_p0.95_mauve, top_p0.95_rep_2, ...")
     p.add_argument("--eval", action="append", default=[], metavar="KEY=VALUE", help="any eval: key, repeatable")
     p.add_argument("--no-perplexity", action="store_true", help="skip perplexity")
     p.add_argument("--no-generation", action="store_true", help="skip sampling (perplexity only)")
@@ -116,6 +119,10 @@ def _eval_config(base: EvalConfig, args) -> EvalConfig:
         if not sep or not key:
             raise _usage_error(f"--eval {item}: expected KEY=VALUE with KEY an eval: key, e.g. --eval num_prompts=200")
         raw[key] = cli_value(["eval", key], value)
+    if args.decodings:
+        from .config import parse_decoding
+
+        raw["decodings"] = [parse_decoding(d) for d in args.decodings]
     if args.no_generation:
         raw["generation"] = False
     built = build_section(EvalConfig, raw, "eval")  # unknown keys and wrong types: ConfigError naming the key
