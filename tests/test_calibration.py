@@ -91,9 +91,11 @@ def test_shipped_calibration_config():
 
     cfg = load_config(ROOT / "configs/calibrate_emo.yaml")
     assert cfg.objective.name == "emo" and cfg.data.calibration_sentences == 25000
-    assert cfg.objective.selected_options()["cost_embedding"] == "initial"
+    opts = cfg.objective.selected_options()
+    assert opts["cost_embedding"] == "initial"
+    assert opts["mode"] == 1 and opts["ratio_cap"] == 3.0  # mode 2 hurt a shifted-domain calibration (docs/calibration.md)
     t = cfg.training
-    assert t["learning_rate"] == 2e-5 and t["num_train_epochs"] == 1 and t["warmup_steps"] == 0.03
+    assert t["learning_rate"] == 5e-5 and t["num_train_epochs"] == 1 and t["warmup_steps"] == 0.03
     assert t["per_device_train_batch_size"] == 16 and cfg.data.block_size == 256
 
 
