@@ -265,7 +265,7 @@ EARLY_ERRORS = {
                        "num_prompts=200")),
     "eval_unknown_key": (["--eval", "num_promts=1"],
                          ("error: unknown key 'eval.num_promts' (did you mean num_prompts?); valid keys: generation, "
-                         "num_prompts, prompt_words, continuation_words, max_new_tokens, temperature, top_k, top_p, "
+                         "num_prompts, prompt_words, continuation_words, max_new_tokens, temperature, top_k, top_p, decodings, "
                          "batch_size, seeds, mauve, mauve_featurizer, mauve_max_text_length, mauve_scaling_factor, "
                          "mauve_kmeans_seed, mauve_kmeans_num_redo, mauve_kmeans_max_iter, mauve_pooling, "
                          "mauve_device, featurizer_batch_size")),

@@ -50,4 +50,4 @@ def test_public_api_is_unchanged():
     from emo_trainer.objectives import available, chunked_objective_loss  # noqa: F401
     from emo_trainer.objectives.sequencematch import SequenceMatchObjective  # noqa: F401
 
-    assert available() == ["emo", "mile", "mixce", "mle", "sequencematch"]
+    assert available() == ["dft", "eaft", "emo", "focal", "mile", "mixce", "mle", "sequencematch", "tailr"]
