@@ -1,7 +1,14 @@
 """The calibration study: one pretrained checkpoint, calibrated with every objective, evaluated alike.
 
-    python scripts/calibration_study.py --output-dir runs/study            # full scale (GPU)
-    python scripts/calibration_study.py --output-dir runs/study --sentences 800 --num-prompts 200 ...
+    python scripts/calibration_study.py --output-dir runs/study --model /path/to/checkpoint \
+        --train-file /path/to/wiki.train.tokens --valid-file /path/to/wiki.valid.raw \
+        --test-file /path/to/wiki.test.raw                                   # every default row, full scale
+    ... --objectives none mle emo-m1=emo:emo.mode=1 --stage calibrate       # rows, and one stage at a time
+    ... --stage probe --objectives mle emo-m2=emo:emo.mode=2                # the first-steps gradient probe
+
+Stages: ``calibrate`` (train only), ``evaluate`` (only rows already trained; ``--no-mauve`` leaves
+MAUVE for ``score``, e.g. on a machine without mauve-text), ``score``, ``probe``
+(:func:`gradient_probe`), ``all`` (default: calibrate and evaluate).
 
 What it does, top to bottom:
 
