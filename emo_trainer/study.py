@@ -59,7 +59,6 @@ logger = logging.getLogger("emo_trainer.calibration_study")
 LABELS = {"none": "no calibration", "mle": "MLE", "emo": "EMO", "mixce": "MixCE", "mile": "MiLe",
           "sequencematch": "SequenceMatch", "dft": "DFT", "tailr": "TaiLr", "focal": "focal", "eaft": "EAFT",
           "emo-m1": "EMO mode 1 (cap 3)", "emo-m2": "EMO mode 2", "emo-m1-uncapped": "EMO mode 1 (uncapped)"}
-METRICS = ["perplexity", "mauve", "diversity", "rep_2", "rep_3", "rep_4", "seq_rep_4", "distinct_2", "mean_length"]
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -126,13 +125,19 @@ def make_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- pieces
 
 
-def test_documents(args) -> list[str]:
+@functools.lru_cache(maxsize=2)
+def _read_test_documents(test_file: str, detokenize: bool) -> tuple[str, ...]:
     from emo_trainer.data import detokenize_wikitext
 
-    lines = Path(args.test_file).read_text(encoding="utf-8").splitlines()
-    if args.detokenize != "none" and not args.no_detokenize_test:
+    lines = Path(test_file).read_text(encoding="utf-8").splitlines()
+    if detokenize:
         lines = [detokenize_wikitext(x) for x in lines]
-    return [x for x in lines if x.strip()]
+    return tuple(x for x in lines if x.strip())
+
+
+def test_documents(args) -> list[str]:
+    """The test documents, detokenized like the calibration text unless ``--no-detokenize-test`` (read once)."""
+    return list(_read_test_documents(args.test_file, args.detokenize != "none" and not args.no_detokenize_test))
 
 
 def eval_config(args):
@@ -153,19 +158,11 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-@functools.lru_cache(maxsize=4)
-def _prompts(test_file: str, detokenize: str, no_detokenize_test: bool, prompt_words: int, continuation_words: int,
-             num_prompts: int | None):
-    from emo_trainer.evaluation.prompts import build_prompts
-
-    args = argparse.Namespace(test_file=test_file, detokenize=detokenize, no_detokenize_test=no_detokenize_test)
-    return tuple(build_prompts(test_documents(args), prompt_words, continuation_words, num_prompts))
-
-
 def prompts_of(args):
     """The evaluation prompts: every test document with enough words (or the first ``--num-prompts``)."""
-    return list(_prompts(args.test_file, args.detokenize, args.no_detokenize_test, args.prompt_words,
-                         args.continuation_words, args.num_prompts))
+    from emo_trainer.evaluation.prompts import build_prompts
+
+    return build_prompts(test_documents(args), args.prompt_words, args.continuation_words, args.num_prompts)
 
 
 def featurizer_of(args):
