@@ -519,7 +519,7 @@ def validate_eval(e: EvalConfig) -> None:
 
 
 def _validate_decodings(e: EvalConfig) -> None:
-    from .eval_config import _NAME_OK, DECODING_KEYS
+    from .evaluation.config import _NAME_OK, DECODING_KEYS
 
     for i, d in enumerate(e.decodings):
         where = f"eval.decodings[{i}]"

@@ -29,10 +29,13 @@ What it does, top to bottom:
    ``results.md`` (the table), ``results.png`` (bars with ± std over seeds) and
    ``train_loss.png``, and runs ``emo_trainer.evaluation.compare`` on ``results.json`` (``compare.md``).
 
-Every model's results go to ``<output-dir>/<name>/eval.json`` as soon as it is done, and a model
-whose ``eval.json`` exists is not redone: re-running the same command resumes the study (other
-``--objectives`` may be added).  The settings are kept in ``study_settings.json``; re-running with
-different ones stops with an error instead of mixing models made differently.
+Every model's results go to ``<output-dir>/<name>/eval.json`` and its samples to
+``<name>/samples.jsonl``, one *unit* (decoding setting, sampling seed) at a time, so re-running a
+command resumes the study where it stopped, and nothing current is recomputed: adding a seed
+(``--seeds 0 1 2`` after ``--seeds 0``) or a decoding setting samples only the new units; changing
+the featurizer re-scores MAUVE from the kept samples; other ``--objectives`` may be added.
+The calibration settings are kept in ``study_settings.json``; re-running with different ones
+stops with an error instead of mixing models made differently.
 ``--jobs N`` runs N models at a time (``--threads`` torch threads each).
 """
 
@@ -54,7 +57,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-logger = logging.getLogger("emo_trainer.calibration_study")
+logger = logging.getLogger(__name__)
 
 LABELS = {"none": "no calibration", "mle": "MLE", "emo": "EMO", "mixce": "MixCE", "mile": "MiLe",
           "sequencematch": "SequenceMatch", "dft": "DFT", "tailr": "TaiLr", "focal": "focal", "eaft": "EAFT",
@@ -306,73 +309,206 @@ def reference_features(args, out: Path, prompts):
     return feats
 
 
-def evaluate_model(args, name: str, model_dir: str, out: Path) -> dict:
-    """Perplexity + per-seed generation metrics of one model, for every decoding setting, through the
-    evaluation callback's own code (:class:`~emo_trainer.evaluation.GenerationEvalCallback`); the
-    samples are kept in ``<name>/samples.jsonl``."""
+#: The evaluation arguments that change a model's perplexity.
+_PPL_ARGS = ("test_file", "no_detokenize_test", "ppl_blocks")
+#: ... that change every sample.  A model's samples come in *units*, one per (decoding setting,
+#: seed): a unit made with these settings is kept when seeds or decoding settings are added.
+_GEN_ARGS = ("test_file", "no_detokenize_test", "num_prompts", "prompt_words", "continuation_words",
+             "max_new_tokens", "gen_batch_size")
+#: ... that change MAUVE only: a unit's samples are kept and scored again.
+_MAUVE_ARGS = ("featurizer", "mauve_kmeans_num_redo")
+#: The calibration's own keys of an ``eval.json`` (everything else is the evaluation's).
+_CALIBRATION_KEYS = ("objective", "label", "overrides", "model_dir", "train_metrics", "train_runtime")
+
+
+def _pick(args, keys) -> dict:
+    return {k: getattr(args, k) for k in keys}
+
+
+def unit_key(decoding, seed: int) -> str:
+    """The name of one unit of samples: ``pure/seed0``, ``top_p0.95/seed2`` (its samples.jsonl column)."""
+    return f"{decoding.name or 'pure'}/seed{seed}"
+
+
+def _units_wanted(args) -> list[tuple[str, dict, object, int]]:
+    """(key, generation settings, decoding, seed) of every unit the current arguments ask for."""
+    out = []
+    for seed in args.seeds:
+        for d in eval_config(args).decoding_settings():
+            settings = {**_pick(args, _GEN_ARGS), "decoding": dataclasses.asdict(d), "seed": seed}
+            out.append((unit_key(d, seed), settings, d, seed))
+    return out
+
+
+def _legacy_units(info: dict) -> dict:
+    """An ``eval.json`` written before units existed (one ``per_seed`` list for its ``eval_settings``)
+    → the same results as units, so an older study directory resumes without evaluating again."""
+    from types import SimpleNamespace
+
+    es = info["eval_settings"]
+    from emo_trainer.evaluation.config import EvalConfig, parse_decoding
+
+    ns = SimpleNamespace(**{k: es.get(k) for k in (*_GEN_ARGS, *_MAUVE_ARGS, *_PPL_ARGS)})
+
+    decodings = EvalConfig(decodings=tuple(parse_decoding(d) for d in es["decodings"])).decoding_settings()
+    named = [d for d in decodings if d.name]
+    units = {}
+    for seed, metrics in zip(es["seeds"], info["per_seed"]):
+        for d in decodings:
+            if d.name:
+                m = {k[len(d.name) + 1:]: v for k, v in metrics.items() if k.startswith(d.name + "_")}
+            else:
+                m = {k: v for k, v in metrics.items() if not any(k.startswith(o.name + "_") for o in named)}
+            pending = bool(info.get("mauve_pending"))
+            units[unit_key(d, seed)] = {
+                "settings": {**_pick(ns, _GEN_ARGS), "decoding": dataclasses.asdict(d), "seed": seed},
+                "mauve_settings": None if pending else _pick(ns, _MAUVE_ARGS), "metrics": m}
+    ppl = {k: info[k] for k in ("perplexity", "nll", "ppl_tokens", "ppl_blocks", "perplexity_runtime") if k in info}
+    if ppl:
+        ppl["settings"] = _pick(ns, _PPL_ARGS)
+    return {"units": units, "ppl": ppl or None}
+
+
+def load_evaluation(path: Path) -> dict:
+    """A model's ``eval.json`` with its ``units`` and ``ppl`` (converted from the older layout)."""
+    info = json.loads(path.read_text())
+    if "units" not in info:
+        info.update(_legacy_units(info) if "per_seed" in info and "eval_settings" in info else {"units": {}, "ppl": None})
+    return info
+
+
+def _texts_current(args, info: dict) -> tuple[bool, list, list]:
+    """Whether the perplexity is current, the wanted units whose samples are missing or stale, and
+    those whose MAUVE is missing or stale (samples current)."""
+    ppl_ok = bool(info.get("ppl")) and info["ppl"].get("settings") == _pick(args, _PPL_ARGS)
+    to_sample, to_score = [], []
+    mauve_settings = _pick(args, _MAUVE_ARGS)
+    for key, settings, d, seed in _units_wanted(args):
+        unit = info["units"].get(key)
+        if unit is None or unit["settings"] != settings:
+            to_sample.append((key, settings, d, seed))
+        elif unit.get("mauve_settings") != mauve_settings:
+            to_score.append((key, settings, d, seed))
+    return ppl_ok, to_sample, to_score
+
+
+def evaluation_view(args, info: dict) -> dict | None:
+    """The results the current arguments ask for, from a model's units: perplexity, ``per_seed``
+    (every decoding setting's keys under its name) and their mean/std over seeds; ``mauve_pending``
+    where some unit has no current MAUVE.  None while a unit or the perplexity is missing."""
+    from emo_trainer.evaluation.callback import aggregate_seeds
+
+    ppl_ok, to_sample, to_score = _texts_current(args, info)
+    if not ppl_ok or to_sample:
+        return None
+    pending = bool(to_score)
+    per_seed = []
+    runtime = 0.0
+    for seed in args.seeds:
+        merged = {}
+        for d in eval_config(args).decoding_settings():
+            unit = info["units"][unit_key(d, seed)]
+            runtime += unit.get("runtime", 0.0)
+            merged.update({d.key(k): v for k, v in unit["metrics"].items()
+                           if not (pending and k.startswith("mauve"))})
+        per_seed.append(merged)
+    view = {k: v for k, v in info["ppl"].items() if k != "settings"}
+    view.update(aggregate_seeds(per_seed))
+    view["per_seed"] = per_seed
+    view["generation_runtime"] = round(runtime, 1)
+    view["eval_settings"] = evaluation_settings(args)
+    if pending:
+        view["mauve_pending"] = True
+    return view
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)  # a run killed while writing leaves the previous file whole
+
+
+def _read_samples(path: Path, prompts) -> list[dict]:
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+    if [r.get("prefix") for r in rows] != [p.prefix for p in prompts]:
+        return [{"prefix": p.prefix, "reference": p.reference} for p in prompts]
+    return rows
+
+
+def _write_samples(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    tmp.replace(path)
+
+
+def evaluate_model(args, name: str, info: dict, out: Path) -> dict:
+    """Bring one model's evaluation up to the current arguments, unit by unit, through the
+    evaluation callback's own code (:class:`~emo_trainer.evaluation.GenerationEvalCallback`):
+    perplexity if stale; the samples of each missing (decoding setting, seed) unit, with their
+    repetition metrics and, unless ``--no-mauve``, MAUVE; MAUVE of current samples whose MAUVE is
+    missing or stale (``--stage score`` does only this).  ``eval.json`` and ``samples.jsonl``
+    (one column per unit) are written after every unit, so an interrupted evaluation resumes
+    where it stopped.  Returns the updated info."""
     import numpy as np
 
-    from emo_trainer.evaluation.callback import GenerationEvalCallback, aggregate_seeds
+    from emo_trainer.evaluation.callback import GenerationEvalCallback
     from emo_trainer.evaluation.checkpoints import document_perplexity, is_sequencematch_checkpoint, load_checkpoint
 
+    res_path, samples_path = out / name / "eval.json", out / name / "samples.jsonl"
     cfg = eval_config(args)
     prompts = prompts_of(args)
-    model, tokenizer = load_checkpoint(model_dir, device="cuda" if _cuda() else "cpu")
-    sampler = None
-    if is_sequencematch_checkpoint(model, tokenizer):  # backspace-aware sampling; perplexity masks <bkspc>
-        from emo_trainer.objectives.sequencematch.sampler import sample_continuations_with_backspace
+    ppl_ok, to_sample, to_score = _texts_current(args, info)
+    if args.stage == "score" and (to_sample or not ppl_ok):
+        raise FileNotFoundError(f"{name}: {len(to_sample)} sample sets missing in {samples_path} "
+                                "(run --stage evaluate --no-mauve with these settings first)")
+    rows = _read_samples(samples_path, prompts)
 
-        sampler = sample_continuations_with_backspace
-    t0 = time.perf_counter()
-    ppl = document_perplexity(model, tokenizer, test_documents(args), block_size=args.block_size,
-                              max_blocks=args.ppl_blocks)
-    result = {"perplexity": ppl["perplexity"], "nll": ppl["nll"], "ppl_tokens": ppl["num_tokens"],
-              "ppl_blocks": ppl["num_blocks"], "perplexity_runtime": round(time.perf_counter() - t0, 1)}
-    callback = GenerationEvalCallback(
-        prompts, cfg, tokenizer, compute_perplexity=False, sampler=sampler,
-        featurizer=featurizer_of(args) if cfg.mauve else None,
-        reference_features=np.load(out / "reference_features.npy") if cfg.mauve else None)
-    t0 = time.perf_counter()
-    per_seed = callback.per_seed_metrics(model)
-    for m in per_seed:
-        for k in [k for k in m if k.endswith("mauve_runtime")]:
-            m.pop(k)
-    result.update(aggregate_seeds(per_seed))
-    result["per_seed"] = per_seed
-    result["generation_runtime"] = round(time.perf_counter() - t0, 1)
-    for d in cfg.decoding_settings():
-        logger.info("%s %s: mauve %s, rep-2 %s", name, d.name or "pure sampling",
-                    " ".join(f"{m.get(d.key('mauve'), float('nan')):.4f}" for m in per_seed),
-                    " ".join(f"{m[d.key('rep_2')]:.4f}" for m in per_seed))
-    texts = callback.last_continuations
-    with open(out / name / "samples.jsonl", "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps({"prefix": p.prefix, "reference": p.reference,
-                                  **{f"{d or 'pure'}/seed{s}": t[i] for (d, s), t in texts.items()}}) + "\n"
-                      for i, p in enumerate(prompts))
-    return result
+    def save():
+        _write_samples(samples_path, rows)
+        _write_json(res_path, info)
 
+    if not ppl_ok or to_sample:
+        model, tokenizer = load_checkpoint(info["model_dir"], device="cuda" if _cuda() else "cpu")
+        sampler = None
+        if is_sequencematch_checkpoint(model, tokenizer):  # backspace-aware sampling; perplexity masks <bkspc>
+            from emo_trainer.objectives.sequencematch.sampler import sample_continuations_with_backspace
 
-def score_model(args, name: str, out: Path) -> dict:
-    """Add MAUVE to an evaluation made with ``--no-mauve``, from its ``samples.jsonl`` (same prompts,
-    same featurizer and reference features as an inline evaluation)."""
-    import numpy as np
-
-    from emo_trainer.evaluation.callback import GenerationEvalCallback, aggregate_seeds
-
-    info = json.loads((out / name / "eval.json").read_text())
-    cfg = eval_config(args)
-    prompts = prompts_of(args)
-    rows = [json.loads(x) for x in (out / name / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
-    if [r["prefix"] for r in rows] != [p.prefix for p in prompts]:
-        raise ValueError(f"{name}: samples.jsonl was made from other prompts; evaluate it again")
-    callback = GenerationEvalCallback(prompts, cfg, None, compute_perplexity=False, featurizer=featurizer_of(args),
-                                      reference_features=np.load(out / "reference_features.npy"))
-    for seed, m in zip(cfg.seeds, info["per_seed"]):
-        for d in cfg.decoding_settings():
-            texts = [r[f"{d.name or 'pure'}/seed{seed}"] for r in rows]
-            m.update({d.key(k): v for k, v in callback.mauve_metrics(texts).items()})
-    info.update(aggregate_seeds(info["per_seed"]))
-    info.pop("mauve_pending", None)
+            sampler = sample_continuations_with_backspace
+        if not ppl_ok:
+            t0 = time.perf_counter()
+            ppl = document_perplexity(model, tokenizer, test_documents(args), block_size=args.block_size,
+                                      max_blocks=args.ppl_blocks)
+            info["ppl"] = {"perplexity": ppl["perplexity"], "nll": ppl["nll"], "ppl_tokens": ppl["num_tokens"],
+                           "ppl_blocks": ppl["num_blocks"], "perplexity_runtime": round(time.perf_counter() - t0, 1),
+                           "settings": _pick(args, _PPL_ARGS)}
+            save()
+        for key, settings, d, seed in to_sample:
+            t0 = time.perf_counter()
+            ucfg = dataclasses.replace(cfg, seeds=(seed,), decodings=(), mauve=False, temperature=d.temperature,
+                                       top_k=d.top_k, top_p=d.top_p)
+            sampler_cb = GenerationEvalCallback(prompts, ucfg, tokenizer, compute_perplexity=False, sampler=sampler)
+            [metrics] = sampler_cb.per_seed_metrics(model)
+            for r, text in zip(rows, sampler_cb.last_continuations[("", seed)]):
+                r[key] = text
+            info["units"][key] = {"settings": settings, "mauve_settings": None, "metrics": metrics,
+                                  "runtime": round(time.perf_counter() - t0, 1)}
+            save()
+            logger.info("%s %s: rep-2 %.4f (%.0f s)", name, key, metrics["rep_2"], time.perf_counter() - t0)
+            if not args.no_mauve:
+                to_score.append((key, settings, d, seed))
+    if to_score and not (args.no_mauve and args.stage != "score"):
+        scorer = GenerationEvalCallback(
+            prompts, dataclasses.replace(cfg, mauve=True), None, compute_perplexity=False,
+            featurizer=featurizer_of(args), reference_features=np.load(out / "reference_features.npy"))
+        for key, *_ in to_score:
+            t0 = time.perf_counter()
+            unit = info["units"][key]
+            unit["metrics"].update(scorer.mauve_metrics([r[key] for r in rows]))
+            unit["mauve_settings"] = _pick(args, _MAUVE_ARGS)
+            unit["runtime"] = round(unit.get("runtime", 0.0) + time.perf_counter() - t0, 1)
+            save()
+            logger.info("%s %s: mauve %.4f", name, key, unit["metrics"]["mauve"])
     return info
 
 
@@ -515,35 +651,37 @@ def calibrate(args, row: Row) -> dict:
 
 
 def run_one(args, row: Row) -> dict:
-    """Calibrate (unless 'none') and evaluate one row; resumable via <name>/eval.json."""
+    """Calibrate (unless 'none') and evaluate one row; resumable via <name>/eval.json, unit by unit."""
     out = Path(args.output_dir)
     res_path = out / row.name / "eval.json"
-    if res_path.is_file():
-        cached = json.loads(res_path.read_text())
-        current = cached.get("eval_settings") == evaluation_settings(args)
-        if current and args.stage == "score" and cached.get("mauve_pending"):
-            res_path.write_text(json.dumps(score_model(args, row.name, out), indent=2))
-            return json.loads(res_path.read_text())
-        if current or args.stage == "calibrate":
-            return cached
-        logger.info("%s: evaluated with other settings before; evaluating again", row.name)
-    if args.stage == "score":
+    info = load_evaluation(res_path) if res_path.is_file() else None
+    if info is not None:
+        view = evaluation_view(args, info)
+        if args.stage == "calibrate":
+            return info
+        if view and not (view.get("mauve_pending") and not args.no_mauve):  # nothing to compute
+            if info.get("eval_settings") != view["eval_settings"] or "units" not in json.loads(res_path.read_text()):
+                info = {**{k: info[k] for k in (*_CALIBRATION_KEYS, "ppl", "units") if k in info}, **view}
+                _write_json(res_path, info)  # the results of this request, from the units already there
+            return info
+    if args.stage == "score" and info is None:
         raise FileNotFoundError(f"{row.name}: no evaluation to score in {res_path} (run --stage evaluate --no-mauve first)")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     (out / row.name).mkdir(parents=True, exist_ok=True)
-    info = calibrate(args, row)
+    base = calibrate(args, row)
     if args.stage == "calibrate":
-        return info
+        return base
+    info = {**{k: base[k] for k in _CALIBRATION_KEYS if k in base},
+            "ppl": (info or {}).get("ppl"), "units": (info or {}).get("units", {})}
     t1 = time.perf_counter()
-    info.update(evaluate_model(args, row.name, info["model_dir"], out))
-    info["eval_runtime"] = round(time.perf_counter() - t1, 1)
-    info["eval_settings"] = evaluation_settings(args)
-    if args.no_mauve:
-        info["mauve_pending"] = True
-    res_path.write_text(json.dumps(info, indent=2))
+    info = evaluate_model(args, row.name, info, out)
+    view = evaluation_view(args, info)
+    info = {**{k: info[k] for k in (*_CALIBRATION_KEYS, "ppl", "units") if k in info}, **(view or {}),
+            "eval_runtime": round(time.perf_counter() - t1, 1)}
+    _write_json(res_path, info)
     return info
 
 
@@ -651,8 +789,10 @@ def collect(args, out: Path, sizing: dict) -> dict:
     }
     for row in rows_of(args):
         path = out / row.name / "eval.json"
-        if path.is_file() and json.loads(path.read_text()).get("eval_settings") == evaluation_settings(args):
-            results["checkpoints"][row.label] = json.loads(path.read_text())
+        info = load_evaluation(path) if path.is_file() else None
+        view = evaluation_view(args, info) if info else None
+        if view:
+            results["checkpoints"][row.label] = {**{k: info[k] for k in _CALIBRATION_KEYS if k in info}, **view}
         else:
             results["missing"].append(row.name)
     return results

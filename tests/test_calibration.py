@@ -185,11 +185,15 @@ def test_fresh_study_runs_end_to_end(corpus, tmp_path):
     stamp = (out / "mle" / "eval.json").stat().st_mtime_ns
     model_stamp = (out / "mle" / "final" / "config.json").stat().st_mtime_ns
     assert study.main(argv) == 0 and (out / "mle" / "eval.json").stat().st_mtime_ns == stamp
-    # other evaluation settings: every model is evaluated again, none calibrated again
+    # fewer decoding settings: the results of the request, from the samples already there
+    samples_stamp = (out / "mle" / "samples.jsonl").stat().st_mtime_ns
     assert study.main([*argv, "--decodings"]) == 0
-    assert (out / "mle" / "eval.json").stat().st_mtime_ns != stamp
-    assert (out / "mle" / "final" / "config.json").stat().st_mtime_ns == model_stamp
     assert "top_p0.95_mauve" not in json.loads((out / "mle" / "eval.json").read_text())
+    assert (out / "mle" / "samples.jsonl").stat().st_mtime_ns == samples_stamp
+    # other generation settings: every model is sampled again, none calibrated again
+    assert study.main([*argv, "--max-new-tokens", "5"]) == 0
+    assert (out / "mle" / "samples.jsonl").stat().st_mtime_ns != samples_stamp
+    assert (out / "mle" / "final" / "config.json").stat().st_mtime_ns == model_stamp
 
 
 def test_study_mauve_later_equals_mauve_inline(corpus, tmp_path):
@@ -221,6 +225,51 @@ def test_study_mauve_later_equals_mauve_inline(corpus, tmp_path):
     for key in ("mauve", "mauve_std", "top_p0.95_mauve", "rep_2", "perplexity"):
         assert later[key] == inline[key], key
     assert "mauve_pending" not in later
+
+
+def test_study_adds_seeds_and_decodings_unit_by_unit(corpus, tmp_path):
+    """Adding a seed or a decoding setting samples only the new (decoding, seed) units; the result
+    equals a study that asked for all of them at once, and an eval.json of the older layout (one
+    per_seed list) resumes without sampling again."""
+    import json
+    import random
+
+    from emo_trainer import study
+
+    _, base = corpus
+    rng = random.Random(2)
+    words = ["the", "series", "was", "made", "by", "a", "team", "that", "wanted", "more", "of", "the", "first", "game"]
+    (tmp_path / "test.raw").write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(52)) + "\n")
+
+    def argv(out, *extra):
+        return ["--output-dir", str(tmp_path / out), "--model", str(base), "--train-file", str(tmp_path / "wiki.train.tokens"),
+                "--valid-file", str(tmp_path / "wiki.valid.raw"), "--test-file", str(tmp_path / "test.raw"),
+                "--objectives", "none", "--sentences", "8", "--block-size", "16", "--prompt-words", "4",
+                "--continuation-words", "4", "--max-new-tokens", "3", "--gen-batch-size", "26",
+                "--mauve-kmeans-num-redo", "1", *extra]
+
+    def read(out, name):
+        return (tmp_path / out / "none" / name).read_text()
+
+    assert study.main(argv("all", "--seeds", "0", "1")) == 0
+    assert study.main(argv("step", "--seeds", "0", "--decodings")) == 0
+    first = [json.loads(x)["pure/seed0"] for x in read("step", "samples.jsonl").splitlines()]
+    assert study.main(argv("step", "--seeds", "0", "1")) == 0  # adds pure/seed1, top_p0.95/seed0 and /seed1
+    step, whole = json.loads(read("step", "eval.json")), json.loads(read("all", "eval.json"))
+    assert [json.loads(x)["pure/seed0"] for x in read("step", "samples.jsonl").splitlines()] == first
+    assert step["per_seed"] == whole["per_seed"] and step["perplexity"] == whole["perplexity"]
+    for key in ("mauve", "mauve_std", "top_p0.95_mauve", "top_p0.95_rep_2"):
+        assert step[key] == whole[key], key
+    results = json.loads((tmp_path / "step" / "results.json").read_text())
+    assert results["checkpoints"]["no calibration"]["per_seed"] == whole["per_seed"]
+    # an eval.json written before units existed: the same results, nothing sampled again
+    legacy = {k: v for k, v in step.items() if k not in ("units", "ppl")}
+    (tmp_path / "step" / "none" / "eval.json").write_text(json.dumps(legacy))
+    stamp = (tmp_path / "step" / "none" / "samples.jsonl").stat().st_mtime_ns
+    assert study.main(argv("step", "--seeds", "0", "1")) == 0
+    assert (tmp_path / "step" / "none" / "samples.jsonl").stat().st_mtime_ns == stamp
+    again = json.loads(read("step", "eval.json"))
+    assert again["per_seed"] == whole["per_seed"] and set(again["units"]) == set(step["units"])
 
 
 def test_study_rows_parse_and_reject_bad_specs():

@@ -51,3 +51,25 @@ def test_public_api_is_unchanged():
     from emo_trainer.objectives.sequencematch import SequenceMatchObjective  # noqa: F401
 
     assert available() == ["dft", "eaft", "emo", "focal", "mile", "mixce", "mle", "sequencematch", "tailr"]
+
+
+def test_the_package_never_imports_its_own_old_paths():
+    """The library's own code uses the new module paths: loading a config with decodings (which once
+    went through emo_trainer.eval_config) and importing every module warns of no moved path."""
+    import pkgutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import emo_trainer
+
+    quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+    names = [m.name for m in pkgutil.walk_packages(emo_trainer.__path__, "emo_trainer.")
+             if "triton" not in m.name and "gpu_verify" not in m.name]
+    code = ("import warnings, importlib; warnings.simplefilter('error', DeprecationWarning)\n"
+            f"for n in {names!r}: importlib.import_module(n)\n"
+            "from emo_trainer.config import load_config\n"
+            f"load_config({str(quickstart)!r}, ['--eval.decodings=[{{top_p: 0.95}}]'])\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
