@@ -6,7 +6,7 @@ Main entry points: :class:`ObjectiveTrainer`, :func:`emo_trainer.objectives.get_
 
 __version__ = "0.1.0"
 
-__all__ = ["ObjectiveTrainer", "get_objective", "load_config", "__version__"]
+__all__ = ["ObjectiveTrainer", "__version__", "get_objective", "load_config"]
 
 from . import _compat
 

@@ -309,7 +309,7 @@ def training_argument_types() -> dict[str, Any]:
 
         try:
             hints = typing.get_type_hints(TrainingArguments)
-        except Exception:  # pragma: no cover - exotic annotations
+        except Exception:  # noqa: BLE001  # pragma: no cover - exotic annotations
             hints = {}
         _TRAINING_TYPES = {f.name: hints.get(f.name, Any) for f in dataclasses.fields(TrainingArguments) if f.init}
     return _TRAINING_TYPES

@@ -97,7 +97,7 @@ def load_raw_splits(cfg: DataConfig, seed: int = 42):
         json_log.setLevel(logging.CRITICAL)
         try:
             raw = datasets.load_dataset(fmt, data_files=data_files, **kwargs)
-        except Exception as e:  # datasets raises many types for unreadable files
+        except Exception as e:  # noqa: BLE001 - datasets raises many types for unreadable files
             for split, key in (("train", "train_files"), ("validation", "validation_files")):
                 for f in data_files.get(split, []):
                     problem = _file_problem(f, fmt)
@@ -109,7 +109,7 @@ def load_raw_splits(cfg: DataConfig, seed: int = 42):
     else:
         try:
             raw = datasets.load_dataset(cfg.dataset, cfg.dataset_config)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - hub, network and builder errors alike: one line for the user
             raise DataError(
                 f"data.dataset: could not load '{cfg.dataset}'"
                 + (f" ({cfg.dataset_config})" if cfg.dataset_config else "")

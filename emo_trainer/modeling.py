@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -176,7 +177,7 @@ def apply_lora(model, lora: dict):
     known = {"r", "alpha", "dropout", "target_modules", "bias", "modules_to_save"}
     unknown = set(lora) - known
     if unknown:
-        raise ConfigError(f"unknown key 'model.lora.{sorted(unknown)[0]}'; valid keys: {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown key 'model.lora.{min(unknown)}'; valid keys: {', '.join(sorted(known))}")
     try:
         conf = LoraConfig(
             r=int(lora.get("r", 32)),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from emo_trainer.cli import main, make_parser  # noqa: E402,F401
+from emo_trainer.cli import main, make_parser  # noqa: F401
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,8 +9,8 @@ import os
 # The library uses the kernels on CUDA tensors only; tests/test_triton_stats.py opts CPU tensors in.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -111,7 +111,7 @@ def test_merge_finds_a_relative_base_from_elsewhere_and_keeps_the_backspace_acti
 
     from emo_trainer.objectives.sequencematch.backspace import add_backspace_token
 
-    tmp_path, base = llama_run
+    tmp_path, _ = llama_run
     monkeypatch.chdir(tmp_path)
     model = AutoModelForCausalLM.from_pretrained("./base")  # recorded relative, as a run records a relative --model path
     tok = AutoTokenizer.from_pretrained("./base")

@@ -37,8 +37,8 @@ def test_is_exactly_mixce_with_eta_zero(dtype):
     logits = logits.to(dtype)
     dft, mixce = get_objective("dft"), get_objective("mixce", eta=0.0)
     for num_items in (None, 40):
-        loss, grad = value_and_grad(lambda z: dft(z, labels, num_items).loss, logits)
-        ref, ref_grad = value_and_grad(lambda z: mixce(z, labels, num_items).loss, logits)
+        loss, grad = value_and_grad(lambda z, n=num_items: dft(z, labels, n).loss, logits)
+        ref, ref_grad = value_and_grad(lambda z, n=num_items: mixce(z, labels, n).loss, logits)
         assert torch.equal(loss, ref) and torch.equal(grad, ref_grad)
 
 

@@ -64,8 +64,8 @@ def test_alpha_zero_is_exactly_mle(dtype):
     logits = logits.to(dtype)
     eaft, mle = get_objective("eaft", alpha=0.0), get_objective("mle")
     for num_items in (None, 40):
-        loss, grad = value_and_grad(lambda z: eaft(z, labels, num_items).loss, logits)
-        ref, ref_grad = value_and_grad(lambda z: mle(z, labels, num_items).loss, logits)
+        loss, grad = value_and_grad(lambda z, n=num_items: eaft(z, labels, n).loss, logits)
+        ref, ref_grad = value_and_grad(lambda z, n=num_items: mle(z, labels, n).loss, logits)
         assert torch.equal(loss, ref) and torch.equal(grad, ref_grad)
 
 

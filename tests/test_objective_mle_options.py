@@ -76,9 +76,9 @@ def test_zero_options_are_bit_identical_to_plain_mle(dtype):
     default = get_objective("mle")
     assert default.options() == {"label_smoothing": 0.0, "z_loss": 0.0}
     for num_items in (None, 40):
-        ref, ref_grad = value_and_grad(lambda z: before_options(z, num_items), logits)
+        ref, ref_grad = value_and_grad(lambda z, n=num_items: before_options(z, n), logits)
         for obj in (explicit, default):
-            loss, grad = value_and_grad(lambda z: obj(z, labels, num_items).loss, logits)
+            loss, grad = value_and_grad(lambda z, n=num_items, f=obj: f(z, labels, n).loss, logits)
             assert torch.equal(loss, ref) and torch.equal(grad, ref_grad)
         assert set(explicit(logits, labels).metrics) == {"ce"}
 

@@ -45,8 +45,8 @@ def test_gamma_zero_is_exactly_mle(dtype):
     logits = logits.to(dtype)
     tailr, mle = get_objective("tailr", gamma=0.0, min_weight=0.2), get_objective("mle")
     for num_items in (None, 40):
-        loss, grad = value_and_grad(lambda z: tailr(z, labels, num_items).loss, logits)
-        ref, ref_grad = value_and_grad(lambda z: mle(z, labels, num_items).loss, logits)
+        loss, grad = value_and_grad(lambda z, n=num_items: tailr(z, labels, n).loss, logits)
+        ref, ref_grad = value_and_grad(lambda z, n=num_items: mle(z, labels, n).loss, logits)
         assert torch.equal(loss, ref) and torch.equal(grad, ref_grad)
 
 

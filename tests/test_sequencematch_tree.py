@@ -222,7 +222,7 @@ def test_batched_augmentation_equals_the_per_row_construction(mode, rate, paddin
     labels[1, :5] = -100  # a protected context: the clean actions start later
     labels[2, 10:14] = -100  # forced tokens inside the row
     noise = NoiseSampler(BK, exclude=[0, 1, EOS, BK], mode=mode)
-    kw = dict(backspace_id=BK, noise_rate=rate, noise=noise, eos_token_id=EOS)
+    kw = {"backspace_id": BK, "noise_rate": rate, "noise": noise, "eos_token_id": EOS}
     tapes = data_tapes(ids, labels, am, generator=torch.Generator().manual_seed(7), **kw)
     ref_gen = torch.Generator().manual_seed(7)
     keep = am.bool()
@@ -259,7 +259,7 @@ def test_additive_mask_equals_the_boolean_ancestor_mask():
 
     tapes = build_batch()
     tapes.append(concat_tapes([model_tape(p, a, BK, terminal=term) for p, a, term in MODEL]))
-    _, li = collate_tapes(tapes, gamma=0.9)
+    collate_tapes(tapes, gamma=0.9)
     t = max(len(tp) for tp in tapes)
     death = torch.arange(1, t + 1).repeat(len(tapes), 1)
     for i, tp in enumerate(tapes):

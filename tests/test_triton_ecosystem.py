@@ -23,11 +23,11 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1":  # conftest sets it before triton is imported
     pytest.skip("Triton's interpreter is off (TRITON_INTERPRET != 1)", allow_module_level=True)
 
-from emo_trainer.data import CausalLMCollator  # noqa: E402
-from emo_trainer.ops import triton_stats, triton_topk  # noqa: E402
-from emo_trainer.objectives.eaft import topk_entropy  # noqa: E402
-from emo_trainer.ops.fused import softmax_stats  # noqa: E402
-from emo_trainer.trainer import ObjectiveTrainer  # noqa: E402
+from emo_trainer.data import CausalLMCollator
+from emo_trainer.objectives.eaft import topk_entropy
+from emo_trainer.ops import triton_stats, triton_topk
+from emo_trainer.ops.fused import softmax_stats
+from emo_trainer.trainer import ObjectiveTrainer
 
 
 @pytest.fixture

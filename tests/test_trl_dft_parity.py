@@ -19,9 +19,9 @@ from eval_helpers import documents, tiny_gpt2, tiny_tokenizer
 from reference_losses import dft_ref, rel_err
 
 trl = pytest.importorskip("trl")
-from datasets import Dataset  # noqa: E402
+from datasets import Dataset
 
-from emo_trainer import ObjectiveTrainer  # noqa: E402
+from emo_trainer import ObjectiveTrainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

@@ -123,7 +123,7 @@ def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None, dtype
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
-    except Exception as e:  # noqa: BLE001 - a truncated safetensors file, a pickle weights_only refuses: one line too
+    except Exception as e:
         if not _load_error(e):
             raise
         raise CheckpointError(f"checkpoint {path}: cannot load a causal LM ({load_error_reason(e)})") from None

@@ -9,7 +9,7 @@ Usable without the Trainer::
 """
 
 # Importing the modules registers the objectives.
-from . import dft, eaft, emo, focal, mile, mixce, mle, sequencematch, tailr  # noqa: E402,F401
+from . import dft, eaft, emo, focal, mile, mixce, mle, sequencematch, tailr  # noqa: F401
 from .base import IGNORE_INDEX, Objective, ObjectiveOutput, reduce_loss, shift_labels
 from .registry import ObjectiveError, available, get_objective, objective_class, objective_options, register
 

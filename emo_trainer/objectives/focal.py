@@ -28,8 +28,8 @@ import math
 
 import torch
 
-from .base import masked_mean
 from ..ops.fused import softmax_stats
+from .base import masked_mean
 from .mile import MileObjective
 from .registry import register
 

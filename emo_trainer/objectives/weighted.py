@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Objective, masked_mean
 from ..ops.fused import softmax_stats
+from .base import Objective, masked_mean
 
 
 class TokenWeightedObjective(Objective):
