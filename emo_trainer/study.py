@@ -695,6 +695,53 @@ def _fmt(v, std=None, digits=4) -> str:
     return f"{s} ± {std:.2g}" if std is not None else s
 
 
+def paired_difference(row: dict, baseline: dict, key: str = "mauve") -> dict | None:
+    """``key`` of ``row`` minus ``baseline``, paired seed by seed (the same prompts and sampling
+    seeds): the mean difference, the std of the per-seed differences, the larger of the two rows'
+    own spreads over seeds, and a plain verdict — ``within noise`` when the mean difference is at
+    most twice that spread, else ``better``/``worse`` (larger is better).  None without common seeds."""
+    import statistics
+
+    a = [m.get(key) for m in row.get("per_seed", [])]
+    b = [m.get(key) for m in baseline.get("per_seed", [])]
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    if not pairs:
+        return None
+    diffs = [x - y for x, y in pairs]
+    mean = statistics.fmean(diffs)
+    n = len(pairs)
+    spread = max(statistics.stdev([x for x, _ in pairs]), statistics.stdev([y for _, y in pairs])) if n > 1 else None
+    if spread is None:
+        verdict = "one seed: no spread to judge by"
+    elif abs(mean) <= 2 * spread:
+        verdict = "within noise"
+    else:
+        verdict = "better" if mean > 0 else "worse"
+    return {"key": key, "seeds": n, "mean_difference": mean,
+            "std_of_differences": statistics.stdev(diffs) if n > 1 else None, "spread": spread, "verdict": verdict}
+
+
+def verdict_table(results: dict, baseline: str = "MLE") -> str:
+    """Each row's MAUVE against ``baseline`` (for every decoding setting), paired over seeds."""
+    rows = results["checkpoints"]
+    if baseline not in rows:
+        return ""
+    names = [""] + [d["name"] for d in results["protocol"].get("decodings", [])]
+    lines = [(f"**MAUVE against {baseline}** (paired over sampling seeds; within noise = the difference is at most "
+             "twice the larger spread over seeds)"), "",
+             "| model | decoding | seeds | Δ MAUVE | std of Δ | spread | verdict |", "|---|---|---:|---:|---:|---:|---|"]
+    for name, r in rows.items():
+        if name == baseline:
+            continue
+        for dec in names:
+            d = paired_difference(r, rows[baseline], f"{dec}_mauve" if dec else "mauve")
+            if d is None:
+                continue
+            lines.append(f"| {name} | {dec or 'pure sampling'} | {d['seeds']} | {d['mean_difference']:+.3f} | "
+                         f"{_fmt(d['std_of_differences'], digits=2)} | {_fmt(d['spread'], digits=2)} | {d['verdict']} |")
+    return "\n".join(lines) + "\n" if len(lines) > 4 else ""
+
+
 def markdown(results: dict) -> str:
     """One table per decoding setting (pure sampling first), perplexity in each."""
     cols = [("perplexity", "test ppl ↓"), ("mauve", "MAUVE ↑"), ("diversity", "diversity"), ("rep_2", "rep-2"),
@@ -713,6 +760,9 @@ def markdown(results: dict) -> str:
         cells = ["–", "–"] + [_fmt(ref.get(k)) for k, _ in cols[2:]]
         lines.append("| human (reference continuations) | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines) + "\n")
+    verdicts = verdict_table(results)
+    if verdicts:
+        parts.append(verdicts)
     return "\n".join(parts)
 
 

@@ -306,3 +306,23 @@ def test_study_probe_measures_each_objective_against_mle(corpus, tmp_path):
     assert rows["mle-again"]["heldout_ce_after_steps"] == rows["mle"]["heldout_ce_after_steps"]  # model restored each time
     assert set(rows["mle"]["heldout_ce_after_steps"]) == {"1", "2"}
     assert {"ce", "demd", "weight"} <= set(rows["emo-m1"]["metrics"]) and rows["emo-m1"]["param_cos_with_first"] < 1
+
+
+def test_paired_difference_verdicts_by_hand():
+    """Δ MAUVE paired seed by seed, judged against twice the larger spread over seeds."""
+    from emo_trainer import study
+
+    def row(*mauve):
+        return {"per_seed": [{"mauve": m} for m in mauve]}
+
+    d = study.paired_difference(row(0.9, 0.8, 0.85), row(0.7, 0.72, 0.71))
+    assert d["mean_difference"] == pytest.approx(0.14) and d["spread"] == pytest.approx(0.05)
+    assert d["std_of_differences"] == pytest.approx(0.06) and d["seeds"] == 3 and d["verdict"] == "better"
+    assert study.paired_difference(row(0.7, 0.72, 0.71), row(0.9, 0.8, 0.85))["verdict"] == "worse"
+    assert study.paired_difference(row(0.86, 0.80, 0.83), row(0.84, 0.82, 0.83))["verdict"] == "within noise"
+    assert study.paired_difference(row(0.9), row(0.8))["verdict"].startswith("one seed")
+    assert study.paired_difference(row(), row(0.8)) is None
+    results = {"checkpoints": {"MLE": row(0.7, 0.72, 0.71), "EMO": row(0.9, 0.8, 0.85)}, "protocol": {"decodings": []}}
+    table = study.verdict_table(results)
+    assert "| EMO | pure sampling | 3 | +0.140 | 0.06 | 0.05 | better |" in table
+    assert study.verdict_table({"checkpoints": {"EMO": row(0.9)}, "protocol": {}}) == ""
