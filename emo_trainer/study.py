@@ -51,7 +51,9 @@ import io
 import json
 import logging
 import multiprocessing as mp
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -650,8 +652,69 @@ def calibrate(args, row: Row) -> dict:
     return info
 
 
+class RowBusyError(RuntimeError):
+    """Another study process is working on this row (two writers would mix their results)."""
+
+
+@contextlib.contextmanager
+def row_lock(out: Path, name: str):
+    """An exclusive lock on one row's directory for as long as a process works on it: a second
+    study command on the same directory (or a worker whose study process died, still saving)
+    cannot write into the same run.  The lock goes with the process that holds it."""
+    import fcntl
+
+    (out / name).mkdir(parents=True, exist_ok=True)
+    path = out / name / ".study.lock"
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise RowBusyError(f"{name}: another process (pid {holder}) is working on {out / name}; wait for it to "
+                               f"finish or stop it (kill -TERM {holder} saves a checkpoint), then run the study again") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+#: Set while this process works on a row (the pool workers' watchdog exits only when it is clear).
+_BUSY = threading.Event()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Pool initializer: a worker whose study process died finishes the row it is on (holding the
+    row's lock, so nothing else writes there) and then exits, instead of idling on as an orphan.
+
+    To stop a study and its workers, signal the process group (``kill -TERM -- -PGID``, Ctrl-C in
+    a terminal, ``timeout``, a batch scheduler): every calibration saves a checkpoint and stops,
+    and the next run resumes from it."""
+
+    def watch():
+        while os.getppid() == parent or _BUSY.is_set():
+            time.sleep(2)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def run_one(args, row: Row) -> dict:
-    """Calibrate (unless 'none') and evaluate one row; resumable via <name>/eval.json, unit by unit."""
+    """Calibrate (unless 'none') and evaluate one row; resumable via <name>/eval.json, unit by unit.
+    Holds the row's lock (:func:`row_lock`) while it works."""
+    with row_lock(Path(args.output_dir), row.name):
+        _BUSY.set()
+        try:
+            return _run_one(args, row)
+        finally:
+            _BUSY.clear()
+
+
+def _run_one(args, row: Row) -> dict:
     out = Path(args.output_dir)
     res_path = out / row.name / "eval.json"
     info = load_evaluation(res_path) if res_path.is_file() else None
@@ -959,13 +1022,17 @@ def main(argv: list[str] | None = None) -> int:
     sizing = sizing_of(args, len(sents))
     failed = {}
     if args.jobs > 1:
-        with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+        with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent,
+                                    initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(run_one, args, row): row.name for row in rows}
             for fut in cf.as_completed(futures):
                 obj = futures[fut]
                 try:
                     fut.result()
                     logger.info("done: %s (%.0f s since start)", obj, time.perf_counter() - start)
+                except RowBusyError as e:
+                    failed[obj] = str(e)
+                    logger.error("%s", e)
                 except Exception as e:  # one failing objective must not lose the others
                     failed[obj] = f"{type(e).__name__}: {e}"
                     logger.exception("failed: %s", obj)
@@ -975,6 +1042,9 @@ def main(argv: list[str] | None = None) -> int:
             obj = row.name
             try:
                 run_one(args, row)
+            except RowBusyError as e:
+                failed[obj] = str(e)
+                logger.error("%s", e)
             except Exception as e:
                 failed[obj] = f"{type(e).__name__}: {e}"
                 logger.exception("failed: %s", obj)

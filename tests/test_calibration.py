@@ -272,6 +272,31 @@ def test_study_adds_seeds_and_decodings_unit_by_unit(corpus, tmp_path):
     assert again["per_seed"] == whole["per_seed"] and set(again["units"]) == set(step["units"])
 
 
+def test_a_row_another_process_works_on_is_left_alone(corpus, tmp_path, capsys):
+    """Two study commands on one directory: a row whose lock another process holds is reported
+    (with that process's pid) and not touched; the other rows go on; once free, it runs."""
+    import json
+    import os
+
+    from emo_trainer import study
+
+    _, base = corpus
+    (tmp_path / "test.raw").write_text("\n".join(f"the story {i} was more forgiving than the first game of the series" for i in range(52)) + "\n")
+    argv = ["--output-dir", str(tmp_path / "s"), "--model", str(base), "--train-file", str(tmp_path / "wiki.train.tokens"),
+            "--valid-file", str(tmp_path / "wiki.valid.raw"), "--test-file", str(tmp_path / "test.raw"),
+            "--objectives", "none", "again=none", "--sentences", "8", "--block-size", "16", "--prompt-words", "4",
+            "--continuation-words", "4", "--max-new-tokens", "3", "--seeds", "0", "--decodings", "--gen-batch-size", "26",
+            "--no-mauve"]
+    with study.row_lock(tmp_path / "s", "none"):
+        assert study.main(argv) == 1
+        results = json.loads((tmp_path / "s" / "results.json").read_text())
+        assert results["missing"] == ["none"] and list(results["checkpoints"]) == ["again"]
+        assert f"pid {os.getpid()}" in results["failed"]["none"] and "run the study again" in results["failed"]["none"]
+        assert not (tmp_path / "s" / "none" / "eval.json").exists()
+    assert study.main(argv) == 0
+    assert (tmp_path / "s" / "none" / "eval.json").is_file()
+
+
 def test_study_rows_parse_and_reject_bad_specs():
     from emo_trainer import study
 
