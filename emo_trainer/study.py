@@ -320,7 +320,8 @@ _GEN_ARGS = ("test_file", "no_detokenize_test", "num_prompts", "prompt_words", "
 #: ... that change MAUVE only: a unit's samples are kept and scored again.
 _MAUVE_ARGS = ("featurizer", "mauve_kmeans_num_redo")
 #: The calibration's own keys of an ``eval.json`` (everything else is the evaluation's).
-_CALIBRATION_KEYS = ("objective", "label", "overrides", "model_dir", "train_metrics", "train_runtime")
+_CALIBRATION_KEYS = ("objective", "label", "overrides", "model_dir", "train_metrics", "train_runtime",
+                     "resumed_from_step")
 
 
 def _pick(args, keys) -> dict:
@@ -644,11 +645,14 @@ def calibrate(args, row: Row) -> dict:
     cfg = load_config(args.config, calibration_overrides(args, row, out))
     # an interrupted calibration resumes from its last complete checkpoint (a half-written
     # later one is skipped); one that died before its first checkpoint starts over
-    resume = "true" if last_complete_checkpoint(out / row.name) else None
-    metrics = run(cfg, resume_from_checkpoint=resume, overwrite_output_dir=True)
+    last = last_complete_checkpoint(out / row.name)
+    metrics = run(cfg, resume_from_checkpoint="true" if last else None, overwrite_output_dir=True)
     info["train_metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    info["train_runtime"] = round(time.perf_counter() - t0, 1)
-    info_path.write_text(json.dumps({k: info[k] for k in ("train_metrics", "train_runtime")}, indent=2))
+    info["train_runtime"] = round(time.perf_counter() - t0, 1)  # of this run only: a resumed one says where it began
+    if last:
+        info["resumed_from_step"] = int(Path(last).name.split("-")[-1])
+    info_path.write_text(json.dumps({k: info[k] for k in ("train_metrics", "train_runtime", "resumed_from_step")
+                                     if k in info}, indent=2))
     return info
 
 
