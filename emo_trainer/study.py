@@ -395,33 +395,63 @@ def _texts_current(args, info: dict) -> tuple[bool, list, list]:
     return ppl_ok, to_sample, to_score
 
 
-def evaluation_view(args, info: dict) -> dict | None:
-    """The results the current arguments ask for, from a model's units: perplexity, ``per_seed``
-    (every decoding setting's keys under its name) and their mean/std over seeds; ``mauve_pending``
-    where some unit has no current MAUVE.  None while a unit or the perplexity is missing."""
-    from emo_trainer.evaluation.callback import aggregate_seeds
+def _aggregate(per_seed: list[dict]) -> dict:
+    """Mean of every key over the seeds that have it, and ``<key>_std`` (ddof 1) where two or more do."""
+    import statistics
 
+    out: dict = {}
+    for key in dict.fromkeys(k for m in per_seed for k in m):
+        values = [m[key] for m in per_seed if key in m]
+        out[key] = statistics.fmean(values)
+        if len(values) > 1 and key != "mauve_num_samples":
+            out[f"{key}_std"] = statistics.stdev(values)
+        if key == "mauve_num_samples":
+            out[key] = int(out[key])
+    return out
+
+
+def evaluation_view(args, info: dict, partial: bool = False) -> dict | None:
+    """The results the current arguments ask for, from a model's units: perplexity, ``per_seed``
+    (every decoding setting's keys under its name, ``seeds`` naming their seeds), their mean/std
+    over seeds, and ``seeds_by_decoding``; ``mauve_pending`` where some unit has no current MAUVE.
+
+    None while a unit or the perplexity is missing — unless ``partial``: then the units that are
+    there (every mean over the seeds that have it; None only without perplexity or any unit), for
+    a report of a study still under way."""
     ppl_ok, to_sample, to_score = _texts_current(args, info)
-    if not ppl_ok or to_sample:
+    if not ppl_ok or (to_sample and not partial):
         return None
     pending = bool(to_score)
-    per_seed = []
+    missing = {key for key, *_ in to_sample}
+    per_seed, seeds, by_decoding = [], [], {}
     runtime = 0.0
     for seed in args.seeds:
         merged = {}
         for d in eval_config(args).decoding_settings():
-            unit = info["units"][unit_key(d, seed)]
+            key = unit_key(d, seed)
+            if key in missing:
+                continue
+            unit = info["units"][key]
             runtime += unit.get("runtime", 0.0)
             merged.update({d.key(k): v for k, v in unit["metrics"].items()
                            if not (pending and k.startswith("mauve"))})
-        per_seed.append(merged)
+            by_decoding.setdefault(d.name, []).append(seed)
+        if merged:
+            per_seed.append(merged)
+            seeds.append(seed)
+    if not per_seed:
+        return None
     view = {k: v for k, v in info["ppl"].items() if k != "settings"}
-    view.update(aggregate_seeds(per_seed))
+    view.update(_aggregate(per_seed))
     view["per_seed"] = per_seed
+    view["seeds"] = seeds
+    view["seeds_by_decoding"] = by_decoding
     view["generation_runtime"] = round(runtime, 1)
     view["eval_settings"] = evaluation_settings(args)
     if pending:
         view["mauve_pending"] = True
+    if missing:
+        view["incomplete"] = sorted(missing)
     return view
 
 
@@ -769,9 +799,11 @@ def paired_difference(row: dict, baseline: dict, key: str = "mauve") -> dict | N
     most twice that spread, else ``better``/``worse`` (larger is better).  None without common seeds."""
     import statistics
 
-    a = [m.get(key) for m in row.get("per_seed", [])]
-    b = [m.get(key) for m in baseline.get("per_seed", [])]
-    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    def by_seed(r):  # per_seed entries name their seeds in ``seeds`` (older results: by position)
+        return dict(zip(r.get("seeds") or range(len(r.get("per_seed", []))), r.get("per_seed", [])))
+
+    a, b = by_seed(row), by_seed(baseline)
+    pairs = [(a[s][key], b[s][key]) for s in a if s in b and key in a[s] and key in b[s]]
     if not pairs:
         return None
     diffs = [x - y for x, y in pairs]
@@ -811,7 +843,7 @@ def verdict_table(results: dict, baseline: str = "MLE") -> str:
 
 def markdown(results: dict) -> str:
     """One table per decoding setting (pure sampling first), perplexity in each."""
-    cols = [("perplexity", "test ppl ↓"), ("mauve", "MAUVE ↑"), ("diversity", "diversity"), ("rep_2", "rep-2"),
+    cols = [("perplexity", "test ppl ↓"), ("seeds", "seeds"), ("mauve", "MAUVE ↑"), ("diversity", "diversity"), ("rep_2", "rep-2"),
             ("rep_3", "rep-3"), ("rep_4", "rep-4"), ("seq_rep_4", "seq-rep-4"), ("distinct_2", "distinct-2"),
             ("mean_length", "words")]
     names = [""] + [d["name"] for d in results["protocol"].get("decodings", [])]
@@ -821,10 +853,11 @@ def markdown(results: dict) -> str:
         title = "pure sampling" if not dec else dec
         lines = [f"**{title}**", "", "| model | " + " | ".join(c for _, c in cols) + " |", "|---|" + "---:|" * len(cols)]
         for name, r in results["checkpoints"].items():
-            cells = [_fmt(r.get(key(k)), r.get(f"{key(k)}_std")) for k, _ in cols]
+            n = len(r["seeds_by_decoding"].get(dec, [])) if "seeds_by_decoding" in r else len(r.get("per_seed", []))
+            cells = [str(n) if k == "seeds" else _fmt(r.get(key(k)), r.get(f"{key(k)}_std")) for k, _ in cols]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         ref = results["reference"]
-        cells = ["–", "–"] + [_fmt(ref.get(k)) for k, _ in cols[2:]]
+        cells = ["–", "–", "–"] + [_fmt(ref.get(k)) for k, _ in cols[3:]]
         lines.append("| human (reference continuations) | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines) + "\n")
     verdicts = verdict_table(results)
@@ -902,14 +935,17 @@ def collect(args, out: Path, sizing: dict) -> dict:
                      "decodings": [dataclasses.asdict(d) for d in eval_config(args).decoding_settings()[1:]], **sizing},
         "reference": repetition_metrics([p.reference for p in prompts]),
         "checkpoints": {},
-        "missing": [],
+        "missing": [],     # rows with nothing evaluated under these settings
+        "incomplete": {},  # rows reported from some of their units: row -> the units still missing
     }
     for row in rows_of(args):
         path = out / row.name / "eval.json"
         info = load_evaluation(path) if path.is_file() else None
-        view = evaluation_view(args, info) if info else None
+        view = evaluation_view(args, info, partial=True) if info else None
         if view:
             results["checkpoints"][row.label] = {**{k: info[k] for k in _CALIBRATION_KEYS if k in info}, **view}
+            if view.get("incomplete"):
+                results["incomplete"][row.name] = view["incomplete"]
         else:
             results["missing"].append(row.name)
     return results

@@ -254,6 +254,15 @@ def test_study_adds_seeds_and_decodings_unit_by_unit(corpus, tmp_path):
     assert study.main(argv("all", "--seeds", "0", "1")) == 0
     assert study.main(argv("step", "--seeds", "0", "--decodings")) == 0
     first = [json.loads(x)["pure/seed0"] for x in read("step", "samples.jsonl").splitlines()]
+    # a report while the study is under way: the row from the units it has, each mean with its seed count
+    assert study.main(argv("step", "--seeds", "0", "1", "--report-only")) == 0
+    partial = json.loads((tmp_path / "step" / "results.json").read_text())
+    row = partial["checkpoints"]["no calibration"]
+    assert row["seeds"] == [0] and row["seeds_by_decoding"] == {"": [0]} and "top_p0.95_mauve" not in row
+    assert partial["incomplete"] == {"none": ["pure/seed1", "top_p0.95/seed0", "top_p0.95/seed1"]}
+    md = (tmp_path / "step" / "results.md").read_text()
+    assert "| no calibration | " in md.split("**top_p0.95**")[0] and "| 1 |" in md.split("**top_p0.95**")[0]
+    assert "| 0 | – |" in md.split("**top_p0.95**")[1]
     assert study.main(argv("step", "--seeds", "0", "1")) == 0  # adds pure/seed1, top_p0.95/seed0 and /seed1
     step, whole = json.loads(read("step", "eval.json")), json.loads(read("all", "eval.json"))
     assert [json.loads(x)["pure/seed0"] for x in read("step", "samples.jsonl").splitlines()] == first
@@ -347,6 +356,11 @@ def test_paired_difference_verdicts_by_hand():
     assert study.paired_difference(row(0.86, 0.80, 0.83), row(0.84, 0.82, 0.83))["verdict"] == "within noise"
     assert study.paired_difference(row(0.9), row(0.8))["verdict"].startswith("one seed")
     assert study.paired_difference(row(), row(0.8)) is None
+    # paired by seed number, not position: seeds 0 and 2 of a row against seeds 0, 1, 2
+    partial = {"per_seed": [{"mauve": 0.9}, {"mauve": 0.7}], "seeds": [0, 2]}
+    full = {"per_seed": [{"mauve": 0.8}, {"mauve": 0.1}, {"mauve": 0.6}], "seeds": [0, 1, 2]}
+    d = study.paired_difference(partial, full)
+    assert d["seeds"] == 2 and d["mean_difference"] == pytest.approx(0.1)
     results = {"checkpoints": {"MLE": row(0.7, 0.72, 0.71), "EMO": row(0.9, 0.8, 0.85)}, "protocol": {"decodings": []}}
     table = study.verdict_table(results)
     assert "| EMO | pure sampling | 3 | +0.140 | 0.06 | 0.05 | better |" in table
