@@ -809,13 +809,17 @@ def paired_difference(row: dict, baseline: dict, key: str = "mauve") -> dict | N
     diffs = [x - y for x, y in pairs]
     mean = statistics.fmean(diffs)
     n = len(pairs)
-    spread = max(statistics.stdev([x for x, _ in pairs]), statistics.stdev([y for _, y in pairs])) if n > 1 else None
+    # each row's own spread over all its seeds; the larger one that exists judges the difference
+    spreads = [statistics.stdev(v) for v in ([m[key] for m in r.values() if key in m] for r in (a, b)) if len(v) > 1]
+    spread = max(spreads) if spreads else None
     if spread is None:
         verdict = "one seed: no spread to judge by"
     elif abs(mean) <= 2 * spread:
         verdict = "within noise"
     else:
         verdict = "better" if mean > 0 else "worse"
+    if spread is not None and n == 1:
+        verdict += " (one seed)"
     return {"key": key, "seeds": n, "mean_difference": mean,
             "std_of_differences": statistics.stdev(diffs) if n > 1 else None, "spread": spread, "verdict": verdict}
 

@@ -361,6 +361,10 @@ def test_paired_difference_verdicts_by_hand():
     full = {"per_seed": [{"mauve": 0.8}, {"mauve": 0.1}, {"mauve": 0.6}], "seeds": [0, 1, 2]}
     d = study.paired_difference(partial, full)
     assert d["seeds"] == 2 and d["mean_difference"] == pytest.approx(0.1)
+    # one seed of a row against a baseline with three: judged by the baseline's spread
+    one = study.paired_difference({"per_seed": [{"mauve": 0.2}], "seeds": [1]}, full)
+    assert one["mean_difference"] == pytest.approx(0.1) and one["spread"] == pytest.approx(0.13 ** 0.5)
+    assert one["verdict"] == "within noise (one seed)"
     results = {"checkpoints": {"MLE": row(0.7, 0.72, 0.71), "EMO": row(0.9, 0.8, 0.85)}, "protocol": {"decodings": []}}
     table = study.verdict_table(results)
     assert "| EMO | pure sampling | 3 | +0.140 | 0.06 | 0.05 | better |" in table
