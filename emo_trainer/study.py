@@ -355,6 +355,8 @@ def _legacy_units(info: dict) -> dict:
 
     decodings = EvalConfig(decodings=tuple(parse_decoding(d) for d in es["decodings"])).decoding_settings()
     named = [d for d in decodings if d.name]
+    # the older layout timed the whole generation only: each unit gets an equal share of it
+    share = info.get("generation_runtime", 0.0) / max(1, len(es["seeds"]) * len(decodings))
     units = {}
     for seed, metrics in zip(es["seeds"], info["per_seed"]):
         for d in decodings:
@@ -365,7 +367,8 @@ def _legacy_units(info: dict) -> dict:
             pending = bool(info.get("mauve_pending"))
             units[unit_key(d, seed)] = {
                 "settings": {**_pick(ns, _GEN_ARGS), "decoding": dataclasses.asdict(d), "seed": seed},
-                "mauve_settings": None if pending else _pick(ns, _MAUVE_ARGS), "metrics": m}
+                "mauve_settings": None if pending else _pick(ns, _MAUVE_ARGS), "metrics": m,
+                "runtime": round(share, 1)}
     ppl = {k: info[k] for k in ("perplexity", "nll", "ppl_tokens", "ppl_blocks", "perplexity_runtime") if k in info}
     if ppl:
         ppl["settings"] = _pick(ns, _PPL_ARGS)
