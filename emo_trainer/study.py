@@ -189,7 +189,12 @@ class Row:
 
     @property
     def label(self) -> str:
-        return LABELS.get(self.name, self.name)
+        """The row's name in tables: ``LABELS``, and a learning-rate variant of a labelled row
+        (``emo-m1-lr1e-4``) as that label with its lr (``EMO mode 1 (cap 3), lr 1e-4``)."""
+        if self.name in LABELS:
+            return LABELS[self.name]
+        base, sep, lr = self.name.rpartition("-lr")
+        return f"{LABELS[base]}, lr {lr}" if sep and base in LABELS and lr else self.name
 
 
 def parse_row(spec: str) -> Row:

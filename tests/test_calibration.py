@@ -170,7 +170,7 @@ def test_fresh_study_runs_end_to_end(corpus, tmp_path):
     assert study.main(argv) == 0
     assert (out / "validation.txt").is_file() and (out / "calibration_set.txt").is_file()
     results = json.loads((out / "results.json").read_text())
-    assert list(results["checkpoints"]) == ["no calibration", "MLE", "mle-lr1e-3"] and not results["missing"]
+    assert list(results["checkpoints"]) == ["no calibration", "MLE", "MLE, lr 1e-3"] and not results["missing"]
     for row in results["checkpoints"].values():
         assert row["perplexity"] > 1 and 0 < row["mauve"] <= 1 and row["mauve_num_samples"] == 50
         assert 0 < row["top_p0.95_mauve"] <= 1 and "top_p0.95_rep_2" in row  # the second decoding setting
@@ -180,7 +180,7 @@ def test_fresh_study_runs_end_to_end(corpus, tmp_path):
     lr = [json.loads((out / n / "emo_trainer_config.yaml").read_text().split("learning_rate:")[1].split()[0])
           for n in ("mle", "mle-lr1e-3")]
     assert lr == [5e-5, 1e-3], "a row's override reaches its run only"
-    assert results["checkpoints"]["MLE"]["perplexity"] != results["checkpoints"]["mle-lr1e-3"]["perplexity"]
+    assert results["checkpoints"]["MLE"]["perplexity"] != results["checkpoints"]["MLE, lr 1e-3"]["perplexity"]
     # a re-run resumes: nothing is recomputed
     stamp = (out / "mle" / "eval.json").stat().st_mtime_ns
     model_stamp = (out / "mle" / "final" / "config.json").stat().st_mtime_ns
@@ -313,6 +313,9 @@ def test_study_rows_parse_and_reject_bad_specs():
     assert study.parse_row("emo-m1=emo:emo.mode=1,emo.ratio_cap=3") == study.Row(
         "emo-m1", "emo", ("emo.mode=1", "emo.ratio_cap=3"))
     assert study.parse_row("emo:emo.mode=1").name == "emo_emo.mode-1"
+    assert study.parse_row("emo-m1-lr1e-4=emo:training.learning_rate=1e-4").label == "EMO mode 1 (cap 3), lr 1e-4"
+    assert study.parse_row("mle-lr2e-5=mle:training.learning_rate=2e-5").label == "MLE, lr 2e-5"
+    assert study.parse_row("mine-lr2e-5=mle").label == "mine-lr2e-5"
     for bad in ("emo:mode", ":emo.mode=1", "none:x=1", "a/b=mle"):
         with pytest.raises(ValueError, match="--objectives"):
             study.parse_row(bad)
