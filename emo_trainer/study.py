@@ -673,7 +673,7 @@ def calibrate(args, row: Row) -> dict:
         if info_path.is_file():
             info.update(json.loads(info_path.read_text()))
         return info
-    if args.stage == "evaluate":
+    if args.stage in ("evaluate", "score"):
         raise FileNotFoundError(f"{row.name}: no calibrated model in {model_dir} (run with --stage calibrate or all first)")
     if args.threads:
         import torch
@@ -776,7 +776,10 @@ def _run_one(args, row: Row) -> dict:
 
         torch.set_num_threads(args.threads)
     (out / row.name).mkdir(parents=True, exist_ok=True)
-    base = calibrate(args, row)
+    if args.stage == "score":  # MAUVE from the kept samples: the model need not be here (a GPU call brings none back)
+        base = {k: info[k] for k in _CALIBRATION_KEYS if k in info}
+    else:
+        base = calibrate(args, row)
     if args.stage == "calibrate":
         return base
     info = {**{k: base[k] for k in _CALIBRATION_KEYS if k in base},
