@@ -341,8 +341,9 @@ def unit_key(decoding, seed: int) -> str:
 def _units_wanted(args) -> list[tuple[str, dict, object, int]]:
     """(key, generation settings, decoding, seed) of every unit the current arguments ask for."""
     out = []
+    decodings = eval_config(args).decoding_settings()
     for seed in args.seeds:
-        for d in eval_config(args).decoding_settings():
+        for d in decodings:
             settings = {**_pick(args, _GEN_ARGS), "decoding": dataclasses.asdict(d), "seed": seed}
             out.append((unit_key(d, seed), settings, d, seed))
     return out
@@ -381,9 +382,11 @@ def _legacy_units(info: dict) -> dict:
 
 
 def load_evaluation(path: Path) -> dict:
-    """A model's ``eval.json`` with its ``units`` and ``ppl`` (converted from the older layout)."""
+    """A model's ``eval.json`` with its ``units`` and ``ppl`` (converted from the older layout,
+    which ``legacy_layout`` then marks)."""
     info = json.loads(path.read_text())
     if "units" not in info:
+        info["legacy_layout"] = True
         info.update(_legacy_units(info) if "per_seed" in info and "eval_settings" in info else {"units": {}, "ppl": None})
     return info
 
@@ -403,21 +406,6 @@ def _texts_current(args, info: dict) -> tuple[bool, list, list]:
     return ppl_ok, to_sample, to_score
 
 
-def _aggregate(per_seed: list[dict]) -> dict:
-    """Mean of every key over the seeds that have it, and ``<key>_std`` (ddof 1) where two or more do."""
-    import statistics
-
-    out: dict = {}
-    for key in dict.fromkeys(k for m in per_seed for k in m):
-        values = [m[key] for m in per_seed if key in m]
-        out[key] = statistics.fmean(values)
-        if len(values) > 1 and key != "mauve_num_samples":
-            out[f"{key}_std"] = statistics.stdev(values)
-        if key == "mauve_num_samples":
-            out[key] = int(out[key])
-    return out
-
-
 def evaluation_view(args, info: dict, partial: bool = False) -> dict | None:
     """The results the current arguments ask for, from a model's units: perplexity, ``per_seed``
     (every decoding setting's keys under its name, ``seeds`` naming their seeds), their mean/std
@@ -426,6 +414,8 @@ def evaluation_view(args, info: dict, partial: bool = False) -> dict | None:
     None while a unit or the perplexity is missing — unless ``partial``: then the units that are
     there (every mean over the seeds that have it; None only without perplexity or any unit), for
     a report of a study still under way."""
+    from emo_trainer.evaluation.callback import aggregate_seeds
+
     ppl_ok, to_sample, to_score = _texts_current(args, info)
     if not ppl_ok or (to_sample and not partial):
         return None
@@ -433,9 +423,10 @@ def evaluation_view(args, info: dict, partial: bool = False) -> dict | None:
     missing = {key for key, *_ in to_sample}
     per_seed, seeds, by_decoding = [], [], {}
     runtime = 0.0
+    decodings = eval_config(args).decoding_settings()
     for seed in args.seeds:
         merged = {}
-        for d in eval_config(args).decoding_settings():
+        for d in decodings:
             key = unit_key(d, seed)
             if key in missing:
                 continue
@@ -450,7 +441,7 @@ def evaluation_view(args, info: dict, partial: bool = False) -> dict | None:
     if not per_seed:
         return None
     view = {k: v for k, v in info["ppl"].items() if k != "settings"}
-    view.update(_aggregate(per_seed))
+    view.update(aggregate_seeds(per_seed))
     view["per_seed"] = per_seed
     view["seeds"] = seeds
     view["seeds_by_decoding"] = by_decoding
@@ -765,7 +756,7 @@ def _run_one(args, row: Row) -> dict:
         if args.stage == "calibrate":
             return info
         if view and not (view.get("mauve_pending") and not args.no_mauve):  # nothing to compute
-            if info.get("eval_settings") != view["eval_settings"] or "units" not in json.loads(res_path.read_text()):
+            if info.get("eval_settings") != view["eval_settings"] or info.get("legacy_layout"):
                 info = {**{k: info[k] for k in (*_CALIBRATION_KEYS, "ppl", "units") if k in info}, **view}
                 _write_json(res_path, info)  # the results of this request, from the units already there
             return info

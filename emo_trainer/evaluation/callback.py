@@ -65,10 +65,11 @@ __all__ = ["GenerationEvalCallback", "aggregate_seeds", "build_generation_callba
 
 
 def aggregate_seeds(per_seed: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Mean over seeds of every key; with two or more seeds also ``<key>_std`` (sample std, ddof = 1)."""
+    """Mean over seeds of every key; with two or more seeds also ``<key>_std`` (sample std, ddof = 1).
+    A key missing from some seeds' dicts is averaged over the seeds that have it."""
     out: dict[str, float] = {}
-    for key in per_seed[0]:
-        values = np.array([m[key] for m in per_seed], dtype=np.float64)
+    for key in dict.fromkeys(k for m in per_seed for k in m):
+        values = np.array([m[key] for m in per_seed if key in m], dtype=np.float64)
         out[key] = float(values.mean())
         if len(values) > 1 and key != "mauve_num_samples":
             out[f"{key}_std"] = float(values.std(ddof=1))
