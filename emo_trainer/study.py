@@ -63,7 +63,8 @@ logger = logging.getLogger(__name__)
 
 LABELS = {"none": "no calibration", "mle": "MLE", "emo": "EMO", "mixce": "MixCE", "mile": "MiLe",
           "sequencematch": "SequenceMatch", "dft": "DFT", "tailr": "TaiLr", "focal": "focal", "eaft": "EAFT",
-          "emo-m1": "EMO mode 1 (cap 3)", "emo-m2": "EMO mode 2", "emo-m1-uncapped": "EMO mode 1 (uncapped)"}
+          "emo-m1": "EMO mode 1 (cap 3)", "emo-m2": "EMO mode 2", "emo-m1-uncapped": "EMO mode 1 (uncapped)",
+          "emo-m1-live": "EMO mode 1 (cap 3), live cost"}
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -880,16 +881,27 @@ def plot(results: dict, path: Path) -> None:
 
     names = list(results["checkpoints"])
     n_seeds = max((len(c.get("per_seed", [])) for c in results["checkpoints"].values()), default=0)
-    panels = [("perplexity", "test perplexity (log)"), ("mauve", f"MAUVE (± std, {n_seeds} seeds)"),
+    panels = [("perplexity", "test perplexity (log)"), ("mauve", f"MAUVE (± std, {n_seeds} seeds; hatched: other decodings)"),
               ("diversity", "diversity (human dashed)"), ("rep_2", "rep-2 (human dashed)"),
               ("seq_rep_4", "seq-rep-4 (human dashed)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.8), constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # every decoding setting of the study side by side in the MAUVE panel (``mauve``, ``top_p0.95_mauve``, ...)
+    decodings = [""] + sorted({k[: -len("_mauve")] for c in results["checkpoints"].values() for k in c
+                               if k.endswith("_mauve") and k != "mauve"})
     for ax, (key, title) in zip(axes, panels):
-        vals = [results["checkpoints"][n].get(key) for n in names]
-        errs = [results["checkpoints"][n].get(f"{key}_std", 0.0) for n in names]
-        ax.bar(range(len(names)), [v if v is not None else 0 for v in vals], yerr=errs if any(errs) else None, capsize=3,
-               color=[colors[i % len(colors)] for i in range(len(names))])
+        keys = [f"{d}_{key}" if d else key for d in decodings] if key == "mauve" else [key]
+        width = 0.8 / len(keys)
+        for j, k in enumerate(keys):
+            vals = [results["checkpoints"][n].get(k) for n in names]
+            errs = [results["checkpoints"][n].get(f"{k}_std", 0.0) for n in names]
+            xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(names))]
+            ax.bar(xs, [v if v is not None else 0 for v in vals], width=width, yerr=errs if any(errs) else None,
+                   capsize=2, color=[colors[i % len(colors)] for i in range(len(names))],
+                   hatch="//" if j else None, alpha=0.55 if j else 1.0, edgecolor="black" if j else None,
+                   linewidth=0.3, label=(decodings[j] or "pure sampling") if len(keys) > 1 else None)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
         if key in results["reference"]:
             ax.axhline(results["reference"][key], color="black", linestyle="--", linewidth=1)
         if key == "perplexity":
