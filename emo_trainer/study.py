@@ -881,14 +881,15 @@ def plot(results: dict, path: Path) -> None:
 
     names = list(results["checkpoints"])
     n_seeds = max((len(c.get("per_seed", [])) for c in results["checkpoints"].values()), default=0)
-    panels = [("perplexity", "test perplexity (log)"), ("mauve", f"MAUVE (± std, {n_seeds} seeds; hatched: other decodings)"),
+    # every decoding setting of the study side by side in the MAUVE panel (``mauve``, ``top_p0.95_mauve``, ...)
+    decodings = [""] + sorted({k[: -len("_mauve")] for c in results["checkpoints"].values() for k in c
+                               if k.endswith("_mauve") and k != "mauve"})
+    hatched = "; hatched: other decodings" if len(decodings) > 1 else ""
+    panels = [("perplexity", "test perplexity (log)"), ("mauve", f"MAUVE (± std, {n_seeds} seeds{hatched})"),
               ("diversity", "diversity (human dashed)"), ("rep_2", "rep-2 (human dashed)"),
               ("seq_rep_4", "seq-rep-4 (human dashed)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.8), constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    # every decoding setting of the study side by side in the MAUVE panel (``mauve``, ``top_p0.95_mauve``, ...)
-    decodings = [""] + sorted({k[: -len("_mauve")] for c in results["checkpoints"].values() for k in c
-                               if k.endswith("_mauve") and k != "mauve"})
     for ax, (key, title) in zip(axes, panels):
         keys = [f"{d}_{key}" if d else key for d in decodings] if key == "mauve" else [key]
         width = 0.8 / len(keys)
