@@ -827,12 +827,17 @@ def paired_difference(row: dict, baseline: dict, key: str = "mauve") -> dict | N
             "std_of_differences": statistics.stdev(diffs) if n > 1 else None, "spread": spread, "verdict": verdict}
 
 
+def decoding_names(results: dict) -> list[str]:
+    """The study's decoding settings by name, pure sampling (``""``) first: the metric-key prefixes."""
+    return [""] + [d["name"] for d in results["protocol"].get("decodings", [])]
+
+
 def verdict_table(results: dict, baseline: str = "MLE") -> str:
     """Each row's MAUVE against ``baseline`` (for every decoding setting), paired over seeds."""
     rows = results["checkpoints"]
     if baseline not in rows:
         return ""
-    names = [""] + [d["name"] for d in results["protocol"].get("decodings", [])]
+    names = decoding_names(results)
     lines = [(f"**MAUVE against {baseline}** (paired over sampling seeds; within noise = the difference is at most "
              "twice the larger spread over seeds)"), "",
              "| model | decoding | seeds | Δ MAUVE | std of Δ | spread | verdict |", "|---|---|---:|---:|---:|---:|---|"]
@@ -853,7 +858,7 @@ def markdown(results: dict) -> str:
     cols = [("perplexity", "test ppl ↓"), ("seeds", "seeds"), ("mauve", "MAUVE ↑"), ("diversity", "diversity"), ("rep_2", "rep-2"),
             ("rep_3", "rep-3"), ("rep_4", "rep-4"), ("seq_rep_4", "seq-rep-4"), ("distinct_2", "distinct-2"),
             ("mean_length", "words")]
-    names = [""] + [d["name"] for d in results["protocol"].get("decodings", [])]
+    names = decoding_names(results)
     parts = []
     for dec in names:
         key = (lambda k, dec=dec: k if k == "perplexity" or not dec else f"{dec}_{k}")
@@ -881,9 +886,7 @@ def plot(results: dict, path: Path) -> None:
 
     names = list(results["checkpoints"])
     n_seeds = max((len(c.get("per_seed", [])) for c in results["checkpoints"].values()), default=0)
-    # every decoding setting of the study side by side in the MAUVE panel (``mauve``, ``top_p0.95_mauve``, ...)
-    decodings = [""] + sorted({k[: -len("_mauve")] for c in results["checkpoints"].values() for k in c
-                               if k.endswith("_mauve") and k != "mauve"})
+    decodings = decoding_names(results)  # side by side in the MAUVE panel (``mauve``, ``top_p0.95_mauve``, ...)
     hatched = "; hatched: other decodings" if len(decodings) > 1 else ""
     panels = [("perplexity", "test perplexity (log)"), ("mauve", f"MAUVE (± std, {n_seeds} seeds{hatched})"),
               ("diversity", "diversity (human dashed)"), ("rep_2", "rep-2 (human dashed)"),
