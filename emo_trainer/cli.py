@@ -546,6 +546,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         run(cfg, resume_from_checkpoint=known.resume_from_checkpoint, overwrite_output_dir=known.overwrite_output_dir,
             allow_objective_change=known.allow_objective_change)
+        from .evaluation.sharding import release_process_group
+
+        release_process_group()  # under torchrun/accelerate: a clean exit instead of an occasional SIGABRT
     except TrainingInterrupted as e:
         print(f"\n{e}", file=sys.stderr, flush=True)
         return e.exit_code

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 # Triton (optional) runs its kernels with its CPU interpreter in the tests; the switch must be set
 # before triton is imported, because triton.language's own helpers are jitted at import time.
@@ -48,3 +49,12 @@ def make_tiny_gpt2(vocab_size: int = 300, seed: int = 0, n_layer: int = 1, n_emb
 @pytest.fixture
 def tiny_gpt2():
     return make_tiny_gpt2
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a test's process group (a fixed port can still be held
+    by a previous run's lingering process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

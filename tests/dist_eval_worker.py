@@ -15,7 +15,7 @@ from emo_trainer.evaluation.config import EvalConfig
 from emo_trainer.evaluation.generation import generate_continuations
 from emo_trainer.evaluation.metrics.mauve import HashingFeaturizer, featurize
 from emo_trainer.evaluation.prompts import build_prompts
-from emo_trainer.evaluation.sharding import broadcast_from_main, process_info
+from emo_trainer.evaluation.sharding import broadcast_from_main, process_info, release_process_group
 
 
 def echo_sampler(model, tokenizer, prompts, config, *, seed=0):
@@ -41,6 +41,7 @@ def main(out_dir: str) -> None:
     result = {"rank": rank, "world": world, "texts": texts, "feats": feats.tolist(),
               "broadcast": broadcast_from_main(f"from rank {rank}"), "metrics": metrics}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    release_process_group()  # without it gloo aborts the process at exit now and then (SIGABRT)
 
 
 if __name__ == "__main__":

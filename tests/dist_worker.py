@@ -41,6 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from emo_trainer.evaluation.sharding import release_process_group
+
 VOCAB = 300
 ROWS = 24  # ragged training rows; 3 optimizer steps of 8 rows
 LENGTHS = [5, 17, 9, 30, 12, 3, 25, 8, 21, 14, 6, 28, 11, 19, 4, 16]
@@ -347,9 +349,7 @@ def main() -> None:
         sys.exit(1 if compare(*a.compare) else 0)
     USE_GPU = a.gpu
     run_all(a.out_dir, a.per_device)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    release_process_group()
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ from emo_trainer.evaluation.metrics.mauve import HashingFeaturizer
 
 
 @pytest.mark.slow
-def test_two_processes(tmp_path):
+def test_two_processes(tmp_path, free_port):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
            str(Path(__file__).parent / "dist_eval_worker.py"), str(tmp_path)]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

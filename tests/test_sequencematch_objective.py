@@ -286,15 +286,10 @@ def _ddp_worker(rank, world, port, out_dir):
 
 
 @pytest.mark.slow
-def test_several_processes_sample_their_share_and_stay_in_sync(tmp_path):
-    import socket
-
+def test_several_processes_sample_their_share_and_stay_in_sync(tmp_path, free_port):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     for a, b in zip(r0["params"], r1["params"]):
         torch.testing.assert_close(a, b)  # gradients were all-reduced although the ranks' tapes differ

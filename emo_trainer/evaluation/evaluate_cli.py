@@ -184,10 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     from ..cli import _one_line
 
     try:
-        return evaluate_checkpoints(args)
+        rc = evaluate_checkpoints(args)
     except UserError as e:  # the training CLI's convention: one line, exit 2
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+    from .sharding import release_process_group
+
+    release_process_group()  # under torchrun/accelerate: a clean exit instead of an occasional SIGABRT
+    return rc
 
 
 def evaluate_checkpoints(args: argparse.Namespace) -> int:

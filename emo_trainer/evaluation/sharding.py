@@ -9,6 +9,10 @@ The collectives are ``torch.distributed``'s object collectives on the default pr
 one ``accelerate launch`` / ``torchrun`` sets up), what ``accelerate.utils.gather_object`` uses on
 GPUs; called directly so that they also work where accelerate's state reports a single process
 although a group exists (e.g. ``torchrun`` on CPUs).
+
+:func:`release_process_group` ends a launched process cleanly: a gloo group left for the interpreter
+to tear down can abort the process at exit (SIGABRT, "terminate called without an active
+exception") after the work is done, which the launcher reports as a failed run.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["broadcast_from_main", "gather_in_order", "process_info", "shard_for_process"]
+__all__ = ["broadcast_from_main", "gather_in_order", "process_info", "release_process_group", "shard_for_process"]
 
 
 def _dist():
@@ -63,3 +67,18 @@ def broadcast_from_main(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def release_process_group() -> None:
+    """Wait for every process, then destroy the default process group (no-op without one).
+
+    Call it once at the end of a launched program's successful path (the CLIs do): gloo's worker
+    threads still hold work objects at interpreter exit otherwise, and their destruction during
+    finalization aborts the process now and then, so ``torchrun``/``accelerate launch`` reports a
+    finished run as failed. Not for error paths: the barrier would wait for processes that are gone.
+    """
+    dist = _dist()
+    if dist is None:
+        return
+    dist.barrier()
+    dist.destroy_process_group()
