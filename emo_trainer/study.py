@@ -190,12 +190,16 @@ class Row:
 
     @property
     def label(self) -> str:
-        """The row's name in tables: ``LABELS``, and a learning-rate variant of a labelled row
-        (``emo-m1-lr1e-4``) as that label with its lr (``EMO mode 1 (cap 3), lr 1e-4``)."""
+        """The row's name in tables: ``LABELS``, and a learning-rate or training-seed variant of a
+        labelled row (``emo-m1-lr1e-4``, ``mle-seed43``) as that label with its setting
+        (``EMO mode 1 (cap 3), lr 1e-4``, ``MLE, training seed 43``)."""
         if self.name in LABELS:
             return LABELS[self.name]
-        base, sep, lr = self.name.rpartition("-lr")
-        return f"{LABELS[base]}, lr {lr}" if sep and base in LABELS and lr else self.name
+        for suffix, words in (("-lr", "lr"), ("-seed", "training seed")):
+            base, sep, value = self.name.rpartition(suffix)
+            if sep and base in LABELS and value:
+                return f"{LABELS[base]}, {words} {value}"
+        return self.name
 
 
 def parse_row(spec: str) -> Row:

@@ -322,6 +322,8 @@ def test_study_rows_parse_and_reject_bad_specs():
     assert study.parse_row("emo-m1-lr1e-4=emo:training.learning_rate=1e-4").label == "EMO mode 1 (cap 3), lr 1e-4"
     assert study.parse_row("mle-lr2e-5=mle:training.learning_rate=2e-5").label == "MLE, lr 2e-5"
     assert study.parse_row("mine-lr2e-5=mle").label == "mine-lr2e-5"
+    assert study.parse_row("mle-seed43=mle:training.seed=43").label == "MLE, training seed 43"
+    assert study.parse_row("emo-m1-seed43=emo:training.seed=43").label == "EMO mode 1 (cap 3), training seed 43"
     for bad in ("emo:mode", ":emo.mode=1", "none:x=1", "a/b=mle"):
         with pytest.raises(ValueError, match="--objectives"):
             study.parse_row(bad)
