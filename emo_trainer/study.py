@@ -837,13 +837,17 @@ def decoding_names(results: dict) -> list[str]:
 
 
 def verdict_table(results: dict, baseline: str = "MLE") -> str:
-    """Each row's MAUVE against ``baseline`` (for every decoding setting), paired over seeds."""
+    """Each row's MAUVE against ``baseline`` (for every decoding setting), paired over seeds.
+
+    The verdicts judge sampling noise only (:func:`paired_difference`); a second training seed of
+    a row (``mle-seed43=mle:training.seed=43``) shows how far training noise moves it."""
     rows = results["checkpoints"]
     if baseline not in rows:
         return ""
     names = decoding_names(results)
     lines = [(f"**MAUVE against {baseline}** (paired over sampling seeds; within noise = the difference is at most "
-             "twice the larger spread over seeds)"), "",
+             "twice the larger spread over sampling seeds. Each row is one training run: the spread of training "
+             "runs is not in the rule, and it can be larger, e.g. under top-p)"), "",
              "| model | decoding | seeds | Δ MAUVE | std of Δ | spread | verdict |", "|---|---|---:|---:|---:|---:|---|"]
     for name, r in rows.items():
         if name == baseline:
