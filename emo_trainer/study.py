@@ -841,6 +841,8 @@ def verdict_table(results: dict, baseline: str = "MLE") -> str:
 
     The verdicts judge sampling noise only (:func:`paired_difference`); a second training seed of
     a row (``mle-seed43=mle:training.seed=43``) shows how far training noise moves it."""
+    from emo_trainer.evaluation.config import metric_key
+
     rows = results["checkpoints"]
     if baseline not in rows:
         return ""
@@ -853,7 +855,7 @@ def verdict_table(results: dict, baseline: str = "MLE") -> str:
         if name == baseline:
             continue
         for dec in names:
-            d = paired_difference(r, rows[baseline], f"{dec}_mauve" if dec else "mauve")
+            d = paired_difference(r, rows[baseline], metric_key(dec, "mauve"))
             if d is None:
                 continue
             lines.append(f"| {name} | {dec or 'pure sampling'} | {d['seeds']} | {d['mean_difference']:+.3f} | "
@@ -866,10 +868,12 @@ def markdown(results: dict) -> str:
     cols = [("perplexity", "test ppl ↓"), ("seeds", "seeds"), ("mauve", "MAUVE ↑"), ("diversity", "diversity"), ("rep_2", "rep-2"),
             ("rep_3", "rep-3"), ("rep_4", "rep-4"), ("seq_rep_4", "seq-rep-4"), ("distinct_2", "distinct-2"),
             ("mean_length", "words")]
+    from emo_trainer.evaluation.config import metric_key
+
     names = decoding_names(results)
     parts = []
     for dec in names:
-        key = (lambda k, dec=dec: k if k == "perplexity" or not dec else f"{dec}_{k}")
+        key = (lambda k, dec=dec: k if k == "perplexity" else metric_key(dec, k))
         title = "pure sampling" if not dec else dec
         lines = [f"**{title}**", "", "| model | " + " | ".join(c for _, c in cols) + " |", "|---|" + "---:|" * len(cols)]
         for name, r in results["checkpoints"].items():
@@ -892,6 +896,8 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from emo_trainer.evaluation.config import metric_key
+
     names = list(results["checkpoints"])
     n_seeds = max((len(c.get("per_seed", [])) for c in results["checkpoints"].values()), default=0)
     decodings = decoding_names(results)  # side by side in the MAUVE panel (``mauve``, ``top_p0.95_mauve``, ...)
@@ -902,7 +908,7 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.8), constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, title) in zip(axes, panels):
-        keys = [f"{d}_{key}" if d else key for d in decodings] if key == "mauve" else [key]
+        keys = [metric_key(d, key) for d in decodings] if key == "mauve" else [key]
         width = 0.8 / len(keys)
         for j, k in enumerate(keys):
             vals = [results["checkpoints"][n].get(k) for n in names]

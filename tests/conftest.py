@@ -51,10 +51,10 @@ def tiny_gpt2():
     return make_tiny_gpt2
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now, for a test's process group (a fixed port can still be held
-    by a previous run's lingering process)."""
+    """A TCP port free on 127.0.0.1 now, for a module's process group (a fixed port can still be
+    held by a previous run's lingering process)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -44,14 +43,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, free_port):
     """``(one, two)``: results and weight directories of the 1-process and 2-process runs."""
     base = tmp_path_factory.mktemp("dist")
     two_dir, one_dir = base / "two", base / "one"
@@ -59,7 +52,7 @@ def runs(tmp_path_factory):
                TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/ddp.yaml"),
-        "--num_processes", "2", "--main_process_port", str(_free_port()),
+        "--num_processes", "2", "--main_process_port", str(free_port),
         str(ROOT / "tests/dist_worker.py"), str(two_dir), "--per_device", "2",
     ]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

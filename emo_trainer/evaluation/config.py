@@ -23,7 +23,13 @@ class Decoding:
 
     def key(self, metric: str) -> str:
         """The metric's key under this decoding: ``mauve`` or ``top_p0.95_mauve``."""
-        return f"{self.name}_{metric}" if self.name else metric
+        return metric_key(self.name, metric)
+
+
+def metric_key(decoding_name: str, metric: str) -> str:
+    """A metric's key under the decoding setting named ``decoding_name`` (``""`` = the main one):
+    ``mauve`` or ``top_p0.95_mauve``. For code that has the name only (e.g. from a results file)."""
+    return f"{decoding_name}_{metric}" if decoding_name else metric
 
 
 def decoding_name(setting: dict, main: Decoding) -> str:
